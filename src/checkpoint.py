@@ -1,0 +1,83 @@
+"""Self-describing checkpoints: everything inference needs, saved atomically and loaded without pickled code."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import MODEL_NAMES, build_model
+from utils import PetsegError, atomic_write
+
+FORMAT = "petseg-checkpoint"
+FORMAT_VERSION = 1
+BEST_NAME = "best.pt"
+REQUIRED_KEYS = ("network", "model_kwargs", "model_state", "image_size", "mean", "std", "epoch", "valid_dice")
+
+
+class CheckpointError(PetsegError):
+    """A checkpoint file that cannot be used: missing, damaged, of another format, or for another network."""
+
+
+def save_checkpoint(path: Path, **contents: Any) -> None:
+    """Save tensors and plain types only (so `weights_only=True` can load it), atomically."""
+    missing = [key for key in REQUIRED_KEYS if key not in contents]
+    if missing:
+        raise ValueError(f"checkpoint lacks {missing}")
+    with atomic_write(Path(path)) as file:
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **contents}, file)
+
+
+def resolve_checkpoint_path(path: Path) -> Path:
+    """A checkpoint file, or a run folder holding best.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BEST_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}. Pass a .pt file or a run folder from saved_models/.")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and validate a checkpoint; never unpickles anything but tensors and plain types."""
+    path = resolve_checkpoint_path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain types, so it is refused: loading it could run "
+            f"code. Only load checkpoints written by petseg's train.py. ({error})"
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file?): {error}") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a torch file but not a petseg checkpoint (no '{FORMAT}' marker).")
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {checkpoint.get('format_version')}; this code reads version "
+            f"{FORMAT_VERSION}. Use the petseg version that wrote it."
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing or checkpoint["network"] not in MODEL_NAMES:
+        raise CheckpointError(f"{path} is damaged: missing {missing} or unknown network {checkpoint.get('network')!r}.")
+    return checkpoint
+
+
+def check_network(checkpoint: dict[str, Any], path: Path, network: str | None) -> None:
+    """A network asked for on the command line must be the one the checkpoint holds."""
+    if network is not None and network != checkpoint["network"]:
+        raise CheckpointError(
+            f"-n/--network {network} was given, but {path} holds a {checkpoint['network']} model. "
+            f"Drop -n, or pass -n {checkpoint['network']}."
+        )
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+    """The checkpoint's network with its weights, in eval mode, on the CPU."""
+    model = build_model(checkpoint["network"], **checkpoint["model_kwargs"])
+    model.load_state_dict(checkpoint["model_state"])
+    return model.eval()

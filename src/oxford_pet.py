@@ -1,0 +1,211 @@
+"""Oxford-IIIT Pet as a binary segmentation dataset: download, the lab's splits, masks and transforms."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets, tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from utils import REPO_ROOT, PetsegError
+
+DEFAULT_DATA_PATH = REPO_ROOT / "dataset" / "oxford-iiit-pet"
+SPLITS = ("train", "valid", "test")
+# The encoders are trained from scratch, but ImageNet statistics still centre natural photos well.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+HOMEPAGE = "https://www.robots.ox.ac.uk/~vgg/data/pets/"
+ARCHIVE_URLS = (
+    "https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz",
+    "https://www.robots.ox.ac.uk/~vgg/data/pets/data/annotations.tar.gz",
+)
+
+TRIMAP_PET, TRIMAP_BACKGROUND, TRIMAP_BORDER = 1, 2, 3
+
+
+class DatasetError(PetsegError):
+    """The dataset folder is missing, incomplete or holds a file that cannot be used."""
+
+
+# ----------------------------------------------------------------------------- files and splits
+
+
+def image_path(data_path: Path, name: str) -> Path:
+    return Path(data_path) / "images" / f"{name}.jpg"
+
+
+def trimap_path(data_path: Path, name: str) -> Path:
+    return Path(data_path) / "annotations" / "trimaps" / f"{name}.png"
+
+
+def split_file(data_path: Path, split: str) -> Path:
+    return Path(data_path) / "annotations" / ("test.txt" if split == "test" else "trainval.txt")
+
+
+def read_names(split_path: Path) -> list[str]:
+    """Image names of an official split file, in order (each line is `NAME CLASS_ID SPECIES BREED_ID`)."""
+    lines = Path(split_path).read_text().strip("\n").split("\n")
+    return [line.split(" ")[0] for line in lines if line.strip()]
+
+
+def split_names(data_path: Path, split: str) -> list[str]:
+    """The lab's split: trainval line i goes to valid when i % 10 == 0, else to train; test is test.txt."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    names = read_names(split_file(data_path, split))
+    if split == "train":
+        return [name for i, name in enumerate(names) if i % 10 != 0]
+    if split == "valid":
+        return [name for i, name in enumerate(names) if i % 10 == 0]
+    return names
+
+
+def missing_files(data_path: Path) -> list[Path]:
+    """Files the dataset needs that are not there: both split files and every pair they name."""
+    data_path = Path(data_path)
+    split_paths = [split_file(data_path, "train"), split_file(data_path, "test")]
+    missing = [path for path in split_paths if not path.is_file()]
+    if missing:
+        return missing
+    for path in split_paths:
+        for name in read_names(path):
+            missing += [p for p in (image_path(data_path, name), trimap_path(data_path, name)) if not p.is_file()]
+    return missing
+
+
+def manual_download_help(data_path: Path) -> str:
+    urls = "\n".join(f"  {url}" for url in ARCHIVE_URLS)
+    return (
+        f"Download the two archives of the Oxford-IIIT Pet dataset ({HOMEPAGE}):\n{urls}\n"
+        f"and unpack both into {data_path}, so that it holds images/ and annotations/:\n"
+        f"  mkdir -p {data_path} && tar -xzf images.tar.gz -C {data_path} && tar -xzf annotations.tar.gz -C {data_path}"
+    )
+
+
+def prepare_dataset(data_path: Path = DEFAULT_DATA_PATH, download: bool = True) -> Path:
+    """Make sure a complete dataset is at `data_path`, downloading it (MD5-checked) on first use."""
+    data_path = Path(data_path).resolve()
+    if data_path.is_dir() and any(data_path.iterdir()):
+        missing = missing_files(data_path)
+        if missing:
+            listed = "\n".join(f"  {path}" for path in missing[:5])
+            more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise DatasetError(
+                f"the dataset folder {data_path} is incomplete; missing:\n{listed}{more}\n"
+                "A download or unpacking may have been cut off. Move that folder away and run again to "
+                f"download it afresh, or fix it by hand.\n{manual_download_help(data_path)}"
+            )
+        return data_path
+    if not download:
+        raise DatasetError(f"no dataset at {data_path} and downloading is off.\n{manual_download_help(data_path)}")
+    _download(data_path)
+    return data_path
+
+
+def _download(data_path: Path) -> None:
+    """Download into a staging folder and move it into place only once complete, so a cut-off
+    download never looks like a dataset."""
+    staging = data_path.parent / f".{data_path.name}.download"
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"Downloading the Oxford-IIIT Pet dataset (about 800 MB) to {data_path} ...")
+    try:
+        datasets.OxfordIIITPet(root=staging, target_types="segmentation", download=True)
+    except Exception as error:  # noqa: BLE001 - network, disk and checksum failures all get the same advice
+        raise DatasetError(
+            f"could not download the dataset ({type(error).__name__}: {error}).\n{manual_download_help(data_path)}"
+        ) from error
+    downloaded = staging / "oxford-iiit-pet"
+    missing = missing_files(downloaded)
+    if missing:
+        raise DatasetError(f"the downloaded dataset in {downloaded} lacks {missing[0]} (and maybe more).")
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    if data_path.exists():
+        data_path.rmdir()  # only ever an empty folder here: prepare_dataset returned early otherwise
+    downloaded.rename(data_path)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """RGB uint8 (3, H, W) from any JPEG/PNG/GIF, whatever its mode (gray, RGBA, palette, CMYK) or suffix."""
+    return decode_image(str(path), mode=ImageReadMode.RGB)
+
+
+def read_trimap(path: Path) -> torch.Tensor:
+    return decode_image(str(path), mode=ImageReadMode.GRAY)
+
+
+def trimap_to_mask(trimap: torch.Tensor) -> torch.Tensor:
+    """Binary mask, uint8: pet (1) and border (3) are pet; background (2) is not."""
+    return ((trimap == TRIMAP_PET) | (trimap == TRIMAP_BORDER)).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def build_transform(
+    train: bool,
+    image_size: int = 256,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> v2.Transform:
+    """Transforms on (Image, Mask) pairs: geometry is applied to both (masks with nearest
+    interpolation), colour and normalisation to the image only."""
+    size = (image_size, image_size)
+    if train:
+        geometry = [
+            v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomRotation(10),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
+        ]
+    else:
+        geometry = [v2.Resize(size, antialias=True)]
+    return v2.Compose(
+        [
+            *geometry,
+            v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.float32, "others": None}, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class OxfordPetSegmentation(Dataset):
+    """(image, mask) pairs of one split: image float (3, S, S) normalised, mask float {0, 1} (1, S, S)."""
+
+    def __init__(self, data_path: Path, split: str, transform: v2.Transform | None = None) -> None:
+        self.data_path = Path(data_path)
+        self.split = split
+        self.transform = transform
+        self.names = split_names(self.data_path, split)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load_pair(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """The untransformed image and binary mask, at the image's own size."""
+        name = self.names[index]
+        image = tv_tensors.Image(read_image(image_path(self.data_path, name)))
+        mask = tv_tensors.Mask(trimap_to_mask(read_trimap(trimap_path(self.data_path, name))))
+        return image, mask
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.load_pair(index)
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+
+
+def load_dataset(data_path: Path, mode: str, image_size: int = 256) -> OxfordPetSegmentation:
+    """The lab template's entry point: the `mode` split with the recipe's transform (augmented for train)."""
+    return OxfordPetSegmentation(data_path, mode, build_transform(train=mode == "train", image_size=image_size))

@@ -1,0 +1,156 @@
+"""Shared pieces: the Dice score, the training loss, device and precision choice, safe file writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class PetsegError(Exception):
+    """An error the user can fix: scripts print its message, without a traceback, and exit 1."""
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a script's main(); a PetsegError becomes a one-paragraph message and exit code 1."""
+    try:
+        main()
+    except PetsegError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def logits_to_mask(logits: torch.Tensor) -> torch.Tensor:
+    """Binary prediction: sigmoid(logit) > 0.5, computed as logit > 0 so no rounding can move it."""
+    return logits > 0
+
+
+def _check_binary(mask: torch.Tensor, name: str) -> torch.Tensor:
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                f"{name} must be a binary mask (bool or 0/1 values); got values outside {{0, 1}}. "
+                "Threshold logits first, e.g. utils.logits_to_mask(logits)."
+            )
+        mask = mask.bool()
+    return mask
+
+
+def per_image_dice(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
+    """Dice 2|P∩G| / (|P|+|G|) of each image in a batch (first dimension); 1 where both are empty."""
+    if pred_mask.shape != gt_mask.shape:
+        raise ValueError(f"pred_mask shape {tuple(pred_mask.shape)} != gt_mask shape {tuple(gt_mask.shape)}")
+    pred = _check_binary(pred_mask, "pred_mask").flatten(1)
+    gt = _check_binary(gt_mask, "gt_mask").flatten(1)
+    intersection = (pred & gt).sum(dim=1).double()
+    total = pred.sum(dim=1).double() + gt.sum(dim=1).double()
+    return torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))
+
+
+def dice_score(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> float:
+    """Mean per-image Dice of a batch of binary masks shaped (N, ...): the lab's headline metric."""
+    return per_image_dice(pred_mask, gt_mask).mean().item()
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+class BCEDiceLoss(nn.Module):
+    """BCE-with-logits (pixel accuracy) plus soft Dice (overlap, insensitive to how big the pet is)."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        prob = torch.sigmoid(logits).flatten(1)
+        target = target.flatten(1)
+        # The +1 keeps images without a pet from dividing by zero and lets them score 1 when predicted empty.
+        soft_dice = (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
+        return bce + (1 - soft_dice).mean()
+
+
+# ----------------------------------------------------------------------------- devices and precision
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU with a warning that training there is slow."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        warnings.warn(
+            "No CUDA or MPS device found: running on the CPU, which is very slow for training. "
+            "Use a CUDA machine for the full recipe.",
+            stacklevel=2,
+        )
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PetsegError("--device cuda was asked for, but torch sees no CUDA device. Use --device auto or cpu.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise PetsegError("--device mps was asked for, but this torch has no MPS device. Use --device auto or cpu.")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the device runs it natively (no loss scaling needed), else float16."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass when enabled; a no-op otherwise."""
+    return torch.autocast(device.type, dtype=autocast_dtype(device), enabled=enabled)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator:
+    """Write to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file whole."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def unused_path(path: Path) -> Path:
+    """`path` if nothing is there yet, else the first free `stem-2.suffix`, `stem-3.suffix`, ..."""
+    path = Path(path)
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
