@@ -1,0 +1,46 @@
+"""Print parameter counts and measured FLOPs of every registered model as a markdown table."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from models import MODEL_NAMES, build_model  # noqa: E402
+
+
+def count_flops(model: nn.Module, image_size: int, backward: bool) -> int:
+    """FLOPs (2 per MAC) for one image: forward only, or forward + BCE loss + backward."""
+    x = torch.randn(1, 3, image_size, image_size)
+    with FlopCounterMode(display=False) as counter:
+        logits = model(x)
+        if backward:
+            F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)).backward()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--image-size", type=int, default=256, help="square input side in pixels")
+    args = parser.parse_args()
+
+    print(f"Input: 1x3x{args.image_size}x{args.image_size}; FLOPs from FlopCounterMode (2 per MAC).\n")
+    print("| model | parameters (M) | forward GFLOPs/image | train step GFLOPs/image |")
+    print("|---|---:|---:|---:|")
+    # FLOP counting needs only shapes, so the meta device skips the real arithmetic.
+    with torch.device("meta"):
+        for name in MODEL_NAMES:
+            model = build_model(name).train()
+            params = sum(p.numel() for p in model.parameters())
+            forward = count_flops(model, args.image_size, backward=False)
+            train_step = count_flops(model, args.image_size, backward=True)
+            print(f"| {name} | {params / 1e6:.2f} | {forward / 1e9:.2f} | {train_step / 1e9:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from models import MODEL_NAMES, ResNet34UNet, UNet, build_model
+from models.resnet34_unet import ResNet34Encoder
+
+# Exact count of the classic 64..1024 UNet with bias-free 3x3 convs + BN: any
+# change in widths, depth or layer types moves it by far more than zero.
+UNET_PARAMS = 31_037_633
+
+
+@pytest.fixture(scope="module", params=MODEL_NAMES)
+def model(request: pytest.FixtureRequest) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(request.param).eval()
+
+
+@pytest.mark.parametrize("size", [(256, 256), (250, 190), (65, 97)])
+@torch.no_grad()
+def test_output_matches_input_size(model: nn.Module, size: tuple[int, int]) -> None:
+    batch = 1 if isinstance(model, UNet) else 2
+    y = model(torch.randn(batch, 3, *size))
+    assert y.shape == (batch, 1, *size)
+
+
+def test_unet_parameter_count() -> None:
+    assert sum(p.numel() for p in UNet().parameters()) == UNET_PARAMS
+
+
+def test_other_channel_counts() -> None:
+    model = build_model("resnet34_unet", in_channels=4, out_channels=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 4, 64, 48)).shape == (1, 2, 64, 48)
+
+
+def _randomize_bn(net: nn.Module) -> None:
+    # Default BN stats are an identity map, which would hide a swapped bn1/bn2.
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for t in (m.weight, m.bias, m.running_mean):
+                nn.init.uniform_(t.data, -0.5, 0.5)
+            nn.init.uniform_(m.running_var, 0.5, 1.5)
+
+
+@torch.no_grad()
+def test_encoder_matches_torchvision_resnet34() -> None:
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet34(weights=None)
+    _randomize_bn(ref)
+    ref.eval()
+    encoder = ResNet34Encoder().eval()
+    encoder.load_state_dict(
+        {k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}, strict=True
+    )
+
+    x = torch.randn(2, 3, 96, 80)
+    features = encoder(x)
+    expected = [ref.relu(ref.bn1(ref.conv1(x)))]
+    expected.append(ref.layer1(ref.maxpool(expected[0])))
+    for layer in (ref.layer2, ref.layer3, ref.layer4):
+        expected.append(layer(expected[-1]))
+    for got, want in zip(features, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_build_model_unknown_name() -> None:
+    with pytest.raises(ValueError, match="no_such_net") as info:
+        build_model("no_such_net")
+    assert all(name in str(info.value) for name in MODEL_NAMES)
+
+
+def test_build_model_passes_kwargs() -> None:
+    model = build_model("unet", base_channels=8)
+    assert model.head.in_channels == 8
+
+
+def test_resnet34_unet_gradients_finite() -> None:
+    torch.manual_seed(0)
+    model = ResNet34UNet().train()
+    x = torch.randn(2, 3, 64, 64)
+    target = (torch.rand(2, 1, 64, 64) > 0.5).float()
+    nn.functional.binary_cross_entropy_with_logits(model(x), target).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
