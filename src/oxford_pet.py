@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 from torchvision.transforms import v2
 
 from utils import REPO_ROOT, PetsegError
@@ -134,12 +134,15 @@ def _download(data_path: Path) -> None:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """RGB uint8 (3, H, W) from any JPEG/PNG/GIF, whatever its mode (gray, RGBA, palette, CMYK) or suffix."""
-    return decode_image(str(path), mode=ImageReadMode.RGB)
+    """RGB uint8 (3, H, W) from any file Pillow reads, whatever its mode (gray, RGBA, palette, CMYK) or suffix."""
+    with Image.open(path) as image:
+        return v2.functional.pil_to_tensor(image.convert("RGB"))
 
 
 def read_trimap(path: Path) -> torch.Tensor:
-    return decode_image(str(path), mode=ImageReadMode.GRAY)
+    """The trimap's values as uint8 (1, H, W)."""
+    with Image.open(path) as trimap:
+        return v2.functional.pil_to_tensor(trimap)
 
 
 def trimap_to_mask(trimap: torch.Tensor) -> torch.Tensor:
