@@ -116,6 +116,7 @@ def _download(data_path: Path) -> None:
     try:
         datasets.OxfordIIITPet(root=staging, target_types="segmentation", download=True)
     except Exception as error:  # noqa: BLE001 - network, disk and checksum failures all get the same advice
+        shutil.rmtree(staging, ignore_errors=True)
         raise DatasetError(
             f"could not download the dataset ({type(error).__name__}: {error}).\n{manual_download_help(data_path)}"
         ) from error

@@ -7,7 +7,6 @@ import os
 import random
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,10 +92,10 @@ def select_device(name: str = "auto") -> torch.device:
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
-        warnings.warn(
-            "No CUDA or MPS device found: running on the CPU, which is very slow for training. "
+        print(
+            "warning: no CUDA or MPS device found; running on the CPU, which is very slow for training. "
             "Use a CUDA machine for the full recipe.",
-            stacklevel=2,
+            file=sys.stderr,
         )
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
