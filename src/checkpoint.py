@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from utils import PetsegError, atomic_write
 FORMAT = "petseg-checkpoint"
 FORMAT_VERSION = 1
 BEST_NAME = "best.pt"
+LAST_NAME = "last.pt"  # the end of the latest epoch, with everything --resume needs
 REQUIRED_KEYS = ("network", "model_kwargs", "model_state", "image_size", "mean", "std", "epoch", "valid_dice")
 
 
@@ -32,28 +32,33 @@ def save_checkpoint(path: Path, **contents: Any) -> None:
         torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **contents}, file)
 
 
-def resolve_checkpoint_path(path: Path) -> Path:
-    """A checkpoint file, or a run folder holding best.pt."""
+def resolve_checkpoint_path(path: Path, name_in_folder: str = BEST_NAME) -> Path:
+    """A checkpoint file, or a run folder holding `name_in_folder`."""
     path = Path(path)
     if path.is_dir():
-        path = path / BEST_NAME
+        path = path / name_in_folder
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}. Pass a .pt file or a run folder from saved_models/.")
     return path
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, name_in_folder: str = BEST_NAME) -> dict[str, Any]:
     """Load and validate a checkpoint; never unpickles anything but tensors and plain types."""
-    path = resolve_checkpoint_path(path)
+    path = resolve_checkpoint_path(path, name_in_folder)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights_only" not in str(error).replace(" ", "_").lower():
+            raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not a torch file): {error}") from error
         raise CheckpointError(
-            f"{path} holds objects other than tensors and plain types, so it is refused: loading it could run "
-            f"code. Only load checkpoints written by petseg's train.py. ({error})"
+            f"{path} is refused: it holds objects other than tensors and plain types, and loading those could "
+            "run code. Only load checkpoints written by petseg's train.py, from people you trust."
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file?): {error}") from error
+    except Exception as error:  # noqa: BLE001 - torch raises RuntimeError, KeyError, EOFError... for damaged files
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated, or not a torch file): {type(error).__name__}: {first_line}"
+        ) from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not a petseg checkpoint (no '{FORMAT}' marker).")
     if checkpoint.get("format_version") != FORMAT_VERSION:

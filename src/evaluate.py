@@ -81,9 +81,11 @@ def eval_loader(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    skip_bad: bool = False,
 ) -> DataLoader:
     """A split resized and normalised for evaluation, in file order."""
-    dataset = OxfordPetSegmentation(data_path, split, build_transform(False, image_size, tuple(mean), tuple(std)))
+    transform = build_transform(False, image_size, tuple(mean), tuple(std))
+    dataset = OxfordPetSegmentation(data_path, split, transform, skip_bad=skip_bad)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
 from PIL import Image
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 from utils import REPO_ROOT, PetsegError
 
@@ -50,7 +52,10 @@ def split_file(data_path: Path, split: str) -> Path:
 def read_names(split_path: Path) -> list[str]:
     """Image names of an official split file, in order (each line is `NAME CLASS_ID SPECIES BREED_ID`)."""
     lines = Path(split_path).read_text().strip("\n").split("\n")
-    return [line.split(" ")[0] for line in lines if line.strip()]
+    names = [line.split(" ")[0] for line in lines if line.strip()]
+    if not names:
+        raise DatasetError(f"the split file {split_path} is empty; it should list one image name per line.")
+    return names
 
 
 def split_names(data_path: Path, split: str) -> list[str]:
@@ -78,6 +83,14 @@ def missing_files(data_path: Path) -> list[Path]:
     return missing
 
 
+def describe_missing(data_path: Path, missing: list[Path]) -> str:
+    if not (data_path / "annotations").is_dir():
+        return f"{data_path} has no annotations/ folder (it should hold trainval.txt, test.txt and trimaps/)."
+    listed = "\n".join(f"  {path}" for path in missing[:5])
+    more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return f"the dataset folder {data_path} is incomplete: the split files name files that are not there:\n{listed}{more}"
+
+
 def manual_download_help(data_path: Path) -> str:
     urls = "\n".join(f"  {url}" for url in ARCHIVE_URLS)
     return (
@@ -87,18 +100,18 @@ def manual_download_help(data_path: Path) -> str:
     )
 
 
-def prepare_dataset(data_path: Path = DEFAULT_DATA_PATH, download: bool = True) -> Path:
-    """Make sure a complete dataset is at `data_path`, downloading it (MD5-checked) on first use."""
+def prepare_dataset(data_path: Path = DEFAULT_DATA_PATH, download: bool = True, skip_bad: bool = False) -> Path:
+    """Make sure a complete dataset is at `data_path`, downloading it (MD5-checked) into an empty
+    or missing folder. With skip_bad, pairs the split files name but that are missing are left to
+    the dataset to skip; a folder without split files is refused all the same."""
     data_path = Path(data_path).resolve()
     if data_path.is_dir() and any(data_path.iterdir()):
         missing = missing_files(data_path)
-        if missing:
-            listed = "\n".join(f"  {path}" for path in missing[:5])
-            more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+        if missing and not (skip_bad and all(path.suffix != ".txt" for path in missing)):
             raise DatasetError(
-                f"the dataset folder {data_path} is incomplete; missing:\n{listed}{more}\n"
-                "A download or unpacking may have been cut off. Move that folder away and run again to "
-                f"download it afresh, or fix it by hand.\n{manual_download_help(data_path)}"
+                f"{describe_missing(data_path, missing)}\n"
+                "A download or unpacking may have been cut off: move that folder away and run again to download "
+                f"it afresh, or pass --skip-bad to train without the missing pairs.\n{manual_download_help(data_path)}"
             )
         return data_path
     if not download:
@@ -136,14 +149,55 @@ def _download(data_path: Path) -> None:
 
 def read_image(path: Path) -> torch.Tensor:
     """RGB uint8 (3, H, W) from any file Pillow reads, whatever its mode (gray, RGBA, palette, CMYK) or suffix."""
-    with Image.open(path) as image:
-        return v2.functional.pil_to_tensor(image.convert("RGB"))
+    try:
+        with Image.open(path) as image:
+            return v2.functional.pil_to_tensor(image.convert("RGB"))
+    except FileNotFoundError as error:
+        raise DatasetError(f"{path}: image file is missing.") from error
+    except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for corrupt or truncated files
+        raise DatasetError(f"{path}: cannot decode the image ({error}); the file is corrupt, truncated or not an image.") from error
 
 
 def read_trimap(path: Path) -> torch.Tensor:
-    """The trimap's values as uint8 (1, H, W)."""
-    with Image.open(path) as trimap:
-        return v2.functional.pil_to_tensor(trimap)
+    """The trimap's values as uint8 (1, H, W); anything but 1, 2 and 3 is an error."""
+    try:
+        with Image.open(path) as image:
+            trimap = v2.functional.pil_to_tensor(image)
+    except FileNotFoundError as error:
+        raise DatasetError(f"{path}: trimap file is missing.") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"{path}: cannot decode the trimap ({error}); the file is corrupt, truncated or not a PNG.") from error
+    if trimap.shape[0] != 1 or trimap.dtype != torch.uint8:
+        raise DatasetError(f"{path}: a trimap must be single-channel 8-bit; got {trimap.shape[0]} channel(s) of {trimap.dtype}.")
+    bad = (trimap < TRIMAP_PET) | (trimap > TRIMAP_BORDER)
+    if bad.any():
+        values = sorted(set(trimap[bad].unique().tolist()))[:5]
+        raise DatasetError(f"{path}: trimap values must be 1 (pet), 2 (background) or 3 (border); found {values}.")
+    return trimap
+
+
+def load_sample(data_path: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The named pair at its own size: RGB uint8 (3, H, W) and binary mask uint8 (1, H, W)."""
+    image = read_image(image_path(data_path, name))
+    trimap_file = trimap_path(data_path, name)
+    trimap = read_trimap(trimap_file)
+    if image.shape[1:] != trimap.shape[1:]:
+        raise DatasetError(
+            f"{trimap_file}: trimap is {trimap.shape[2]}x{trimap.shape[1]} but its image is "
+            f"{image.shape[2]}x{image.shape[1]}; a trimap must match its image pixel for pixel."
+        )
+    return image, trimap_to_mask(trimap)
+
+
+def find_bad_samples(data_path: Path, names: list[str]) -> dict[str, str]:
+    """Decode every pair once; returns {name: problem} for those that cannot be used."""
+    bad = {}
+    for name in tqdm(names, desc="checking files", leave=False, dynamic_ncols=True):
+        try:
+            load_sample(data_path, name)
+        except DatasetError as error:
+            bad[name] = str(error)
+    return bad
 
 
 def trimap_to_mask(trimap: torch.Tensor) -> torch.Tensor:
@@ -185,23 +239,36 @@ def build_transform(
 
 
 class OxfordPetSegmentation(Dataset):
-    """(image, mask) pairs of one split: image float (3, S, S) normalised, mask float {0, 1} (1, S, S)."""
+    """(image, mask) pairs of one split: image float (3, S, S) normalised, mask float {0, 1} (1, S, S).
 
-    def __init__(self, data_path: Path, split: str, transform: v2.Transform | None = None) -> None:
+    A pair that cannot be used raises DatasetError naming the file; with skip_bad every pair is
+    decoded once up front and the bad ones are left out, with one warning listing them.
+    """
+
+    def __init__(
+        self, data_path: Path, split: str, transform: v2.Transform | None = None, skip_bad: bool = False
+    ) -> None:
         self.data_path = Path(data_path)
         self.split = split
         self.transform = transform
         self.names = split_names(self.data_path, split)
+        if skip_bad:
+            bad = find_bad_samples(self.data_path, self.names)
+            if bad:
+                print(f"warning: skipping {len(bad)} bad pair(s) of the {split} split:", file=sys.stderr)
+                for problem in bad.values():
+                    print(f"  {problem}", file=sys.stderr)
+                self.names = [name for name in self.names if name not in bad]
+            if not self.names:
+                raise DatasetError(f"no usable pair is left in the {split} split of {self.data_path}.")
 
     def __len__(self) -> int:
         return len(self.names)
 
     def load_pair(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         """The untransformed image and binary mask, at the image's own size."""
-        name = self.names[index]
-        image = tv_tensors.Image(read_image(image_path(self.data_path, name)))
-        mask = tv_tensors.Mask(trimap_to_mask(read_trimap(trimap_path(self.data_path, name))))
-        return image, mask
+        image, mask = load_sample(self.data_path, self.names[index])
+        return tv_tensors.Image(image), tv_tensors.Mask(mask)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load_pair(index)
@@ -210,6 +277,7 @@ class OxfordPetSegmentation(Dataset):
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
 
-def load_dataset(data_path: Path, mode: str, image_size: int = 256) -> OxfordPetSegmentation:
+def load_dataset(data_path: Path, mode: str, image_size: int = 256, skip_bad: bool = False) -> OxfordPetSegmentation:
     """The lab template's entry point: the `mode` split with the recipe's transform (augmented for train)."""
-    return OxfordPetSegmentation(data_path, mode, build_transform(train=mode == "train", image_size=image_size))
+    transform = build_transform(train=mode == "train", image_size=image_size)
+    return OxfordPetSegmentation(data_path, mode, transform, skip_bad=skip_bad)

@@ -137,14 +137,6 @@ def test_missing_dataset_without_download_is_a_clear_message(tmp_path: Path) -> 
     assert not save_dir.exists() or not any(save_dir.iterdir())
 
 
-@pytest.mark.parametrize("flag", [["-lr", "0"], ["-e", "0"], ["-b", "0"], ["--image-size", "16"], ["-n", "vgg"]])
-def test_bad_flag_values_are_argparse_errors(flag: list[str], capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(flag)
-    assert exit_info.value.code == 2
-    assert flag[0] in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("script", [train, evaluate, inference])
 def test_every_script_explains_itself(script, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:

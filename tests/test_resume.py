@@ -1,0 +1,146 @@
+"""Nothing lost: resume is exact, files survive SIGKILL, Ctrl-C prints the resume command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint as ckpt
+import train
+from utils import atomic_write
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+FAST = ["-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
+
+
+def history_without_timing(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv") as file:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(file)]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    state_a = torch.load(a, weights_only=True)["model_state"]
+    state_b = torch.load(b, weights_only=True)["model_state"]
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), f"{key} differs"
+
+
+def test_interrupted_and_resumed_run_ends_bit_identical(
+    synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = ["--data_path", str(synthetic_pets), "-e", "3", *FAST, "--save-dir", str(tmp_path)]
+    train.main([*common, "--run-name", "straight"])
+
+    real_epoch = train.train_one_epoch
+    calls = []
+
+    def ctrl_c_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", ctrl_c_in_epoch_3)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*common, "--run-name", "interrupted"])
+    assert exit_info.value.code == 130
+    assert not (tmp_path / "interrupted" / "results.json").exists()
+    assert torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)["epoch"] == 2
+
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    train.main(["--resume", str(tmp_path / "interrupted")])
+
+    straight, resumed = tmp_path / "straight", tmp_path / "interrupted"
+    assert_same_weights(straight / "last.pt", resumed / "last.pt")
+    assert_same_weights(straight / "best.pt", resumed / "best.pt")
+    assert history_without_timing(straight) == history_without_timing(resumed)
+    assert json.loads((straight / "results.json").read_text())["test"] == json.loads((resumed / "results.json").read_text())["test"]
+
+
+def test_resume_refuses_to_change_the_recipe(synthetic_pets: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train.main(["--data_path", str(synthetic_pets), "-e", "1", *FAST, "--save-dir", str(tmp_path), "--run-name", "r"])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", str(tmp_path / "r"), "-lr", "0.5"])
+    assert exit_info.value.code == 2
+    assert "--learning-rate" in capsys.readouterr().err
+    with pytest.raises(train.PetsegError, match="finished"):
+        train.main(["--resume", str(tmp_path / "r")])
+    with pytest.raises(ckpt.CheckpointError, match="last.pt"):
+        train.main(["--resume", str(tmp_path / "r" / "best.pt")])
+
+
+def start_training(synthetic_pets: Path, save_dir: Path, epochs: int) -> subprocess.Popen:
+    command = [
+        sys.executable, str(SRC / "train.py"), "--data_path", str(synthetic_pets), "-e", str(epochs),
+        *FAST, "--save-dir", str(save_dir), "--run-name", "run",
+    ]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=save_dir)
+
+
+def wait_for_epochs(run_dir: Path, process: subprocess.Popen, epochs: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "last.pt").exists() and len(history_without_timing(run_dir)) >= epochs:
+            return
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"no epoch {epochs} within {timeout}s")
+
+
+def test_sigkill_mid_run_leaves_loadable_checkpoints_and_the_run_resumes(synthetic_pets: Path, tmp_path: Path) -> None:
+    process = start_training(synthetic_pets, tmp_path, 3)
+    run_dir = tmp_path / "run"
+    wait_for_epochs(run_dir, process, 1)
+    time.sleep(0.5)  # into epoch 2: mid-step, or mid-write of the epoch's files
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    for name in (ckpt.BEST_NAME, ckpt.LAST_NAME):
+        assert ckpt.load_checkpoint(run_dir / name)["epoch"] >= 1
+
+    resumed = subprocess.run(
+        [sys.executable, str(SRC / "train.py"), "--resume", str(run_dir)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [int(row["epoch"]) for row in history_without_timing(run_dir)] == [1, 2, 3]
+    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 3
+
+
+def test_ctrl_c_saves_and_prints_the_exact_resume_command(synthetic_pets: Path, tmp_path: Path) -> None:
+    process = start_training(synthetic_pets, tmp_path, 3)
+    run_dir = tmp_path / "run"
+    wait_for_epochs(run_dir, process, 1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    command = re.search(r"^\s+(python .*--resume .*)$", stderr, flags=re.MULTILINE)
+    assert command, stderr[-2000:]
+    ckpt.load_checkpoint(run_dir / ckpt.LAST_NAME)
+
+    argv = shlex.split(command.group(1))
+    resumed = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run_dir / "results.json").exists()
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    path = tmp_path / "history.csv"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError), atomic_write(path, "w") as file:
+        file.write("half of the new")
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["history.csv"], "no temporary file may be left behind"
