@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +29,18 @@ ARCHIVE_URLS = (
 )
 
 TRIMAP_PET, TRIMAP_BACKGROUND, TRIMAP_BORDER = 1, 2, 3
+
+# The training augmentation, shared by the per-image transforms below and the batched ones in augment.py.
+CROP_SCALE = (0.5, 1.0)  # area of the random crop, as a fraction of the image
+CROP_RATIO = (3 / 4, 4 / 3)
+ROTATION_DEGREES = 10.0
+JITTER = 0.3  # brightness, contrast and saturation factors are drawn from [1 - JITTER, 1 + JITTER]
+
+
+def crop_source_size(image_size: int) -> int:
+    """Side of the square image that training crops are taken from: the smallest crop
+    (CROP_SCALE[0] of the area) still has image_size pixels a side, so crops are never upsampled."""
+    return math.ceil(image_size / math.sqrt(CROP_SCALE[0]))
 
 
 class DatasetError(PetsegError):
@@ -215,24 +228,35 @@ def build_transform(
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> v2.Transform:
     """Transforms on (Image, Mask) pairs: geometry is applied to both (masks with nearest
-    interpolation), colour and normalisation to the image only."""
+    interpolation), colour and normalisation to the image only.
+
+    Eval squashes the whole image to image_size x image_size. Train squashes it to
+    crop_source_size(image_size), then takes a random resized crop, flip, rotation and colour jitter.
+    """
     size = (image_size, image_size)
     if train:
-        geometry = [
-            v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        source = crop_source_size(image_size)
+        steps = [
+            v2.Resize((source, source), antialias=True),
+            v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
             v2.RandomHorizontalFlip(),
-            v2.RandomRotation(10),
-            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
+            v2.RandomRotation(ROTATION_DEGREES),
+            # One ColorJitter per property keeps their order fixed, as in the batched version.
+            v2.ColorJitter(brightness=JITTER),
+            v2.ColorJitter(contrast=JITTER),
+            v2.ColorJitter(saturation=JITTER),
         ]
     else:
-        geometry = [v2.Resize(size, antialias=True)]
-    return v2.Compose(
-        [
-            *geometry,
-            v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.float32, "others": None}, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
+        steps = [v2.Resize(size, antialias=True)]
+    return v2.Compose([*steps, *to_model_input(mean, std)])
+
+
+def to_model_input(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.Transform]:
+    """uint8 image -> normalised float; mask -> float {0, 1}."""
+    return [
+        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.float32, "others": None}, scale=True),
+        v2.Normalize(mean, std),
+    ]
 
 
 # ----------------------------------------------------------------------------- dataset

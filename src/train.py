@@ -27,9 +27,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from evaluate import default_num_workers, eval_loader, evaluate, format_result
+from evaluate import default_num_workers, evaluate, format_result
 from models import MODEL_NAMES, build_model
-from oxford_pet import DEFAULT_DATA_PATH, IMAGENET_MEAN, IMAGENET_STD, load_dataset, prepare_dataset
+from cache import DEFAULT_CACHE_DIR, CachedBatches, available_memory_bytes, cache_bytes, load_or_build
+from oxford_pet import (
+    DEFAULT_DATA_PATH,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SPLITS,
+    crop_source_size,
+    load_dataset,
+    prepare_dataset,
+)
 from plots import plot_history
 from utils import (
     REPO_ROOT,
@@ -53,7 +62,7 @@ HISTORY_FIELDS = (
     "epoch", "lr", "train_loss", "train_dice", "valid_loss", "valid_dice", "valid_dataset_dice", "valid_iou", "seconds",
 )
 # Flags that describe the machine rather than the experiment: --resume may change them.
-RESUMABLE_FLAGS = ("data_path", "no_download", "skip_bad", "device", "num_workers", "resume")
+RESUMABLE_FLAGS = ("data_path", "no_download", "skip_bad", "no_cache", "cache_dir", "device", "num_workers", "resume")
 
 
 def positive(kind: type):
@@ -87,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--skip-bad", action="store_true", help="check every image and trimap first and leave out unusable ones (listed in one warning) instead of stopping")
     data.add_argument("--image-size", "--image_size", type=image_size, default=256, help="images are resized to SIZE x SIZE")
     data.add_argument("--num-workers", "--num_workers", type=int, default=default_num_workers(), help="data loading processes")
+    data.add_argument("--no-cache", action="store_true", help="decode every image every epoch instead of once (slower; the cache is used only when it fits in memory anyway)")
+    data.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the decoded, resized images are kept (environment variable PETSEG_CACHE_DIR changes the default)")
 
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("-n", "--network", default="resnet34_unet", choices=MODEL_NAMES, help="architecture")
@@ -138,8 +149,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
             key: plain(getattr(args, key)) for key in RESUMABLE_FLAGS if getattr(args, key) != parser.get_default(key)
         }
         merged = {**saved, **overrides}
-        args = argparse.Namespace(**{**merged, "data_path": Path(merged["data_path"]), "save_dir": Path(merged["save_dir"])})
+        paths = {key: Path(merged[key]) for key in ("data_path", "save_dir", "cache_dir")}
+        args = argparse.Namespace(**{**merged, **paths})
         args.resume = ckpt.resolve_checkpoint_path(merged["resume"], ckpt.LAST_NAME)
+        if (args.resume.parent / "results.json").exists():
+            raise PetsegError(f"{args.resume.parent} has finished (see its results.json); there is nothing to resume.")
     if args.data_path != DEFAULT_DATA_PATH and not args.data_path.is_dir():
         parser.error(
             f"--data_path {args.data_path} is not a folder. Point it at the folder holding images/ and "
@@ -212,6 +226,39 @@ def train_one_epoch(
     return {"loss": loss_sum / seen, "dice": dice_sum / seen}
 
 
+def make_loaders(args: argparse.Namespace, data_path: Path, device: torch.device) -> tuple:
+    """Train, valid and test batches: from the decode-once cache unless --no-cache, or it would not fit in memory."""
+    datasets = {split: load_dataset(data_path, split, args.image_size, skip_bad=args.skip_bad) for split in SPLITS}
+    sizes = {"train": crop_source_size(args.image_size), "valid": args.image_size, "test": args.image_size}
+    needed = sum(cache_bytes(len(datasets[split]), sizes[split]) for split in SPLITS)
+    use_cache = not args.no_cache and needed <= available_memory_bytes() // 2
+    if not args.no_cache and not use_cache:
+        print(f"warning: the cache needs {needed / 2**30:.1f} GiB, more than half the free memory; decoding every epoch instead.", file=sys.stderr)
+    if use_cache:
+        cached = {split: load_or_build(datasets[split], sizes[split], args.cache_dir, args.num_workers) for split in SPLITS}
+        batches = (args.batch_size, device, IMAGENET_MEAN, IMAGENET_STD)
+        return (
+            CachedBatches(cached["train"], *batches, train_size=args.image_size, seed=args.seed),
+            CachedBatches(cached["valid"], *batches),
+            CachedBatches(cached["test"], *batches),
+        )
+    train_loader = DataLoader(
+        datasets["train"],
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,  # a last batch of one image would make BatchNorm's statistics useless
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    valid_loader, test_loader = (
+        DataLoader(datasets[split], args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+        for split in ("valid", "test")
+    )
+    return train_loader, valid_loader, test_loader
+
+
 def resume_command(run_dir: Path) -> str:
     return f"python {os.path.relpath(Path(__file__))} --resume {run_dir}"
 
@@ -223,23 +270,13 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(args.seed)
     data_path = prepare_dataset(args.data_path, download=not args.no_download, skip_bad=args.skip_bad)
 
-    train_set = load_dataset(data_path, "train", args.image_size, skip_bad=args.skip_bad)
-    if len(train_set) < args.batch_size:
-        raise PetsegError(f"-b/--batch_size {args.batch_size} is larger than the {len(train_set)} training images.")
-    train_loader = DataLoader(
-        train_set,
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=True,  # a last batch of one image would make BatchNorm's statistics useless
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    loader_args = (IMAGENET_MEAN, IMAGENET_STD, args.batch_size, args.num_workers, device)
-    valid_loader = eval_loader(data_path, "valid", args.image_size, *loader_args, skip_bad=args.skip_bad)
+    train_loader, valid_loader, test_loader = make_loaders(args, data_path, device)
+    if len(train_loader) == 0:
+        raise PetsegError(f"-b/--batch_size {args.batch_size} is larger than the {len(train_loader.dataset)} training images.")
 
     model = build_model(args.network).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # the layout tensor-core convolutions run natively
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.learning_rate, total_steps=args.epochs * len(train_loader), pct_start=0.1
@@ -253,8 +290,6 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = make_run_dir(args.save_dir, args.run_name or f"{args.network}_{datetime.now():%Y%m%d-%H%M%S}")
     else:
         run_dir = args.resume.parent
-        if (run_dir / "results.json").exists():
-            raise PetsegError(f"{run_dir} has finished (see its results.json); there is nothing to resume.")
         state = resume_from["training"]
         model.load_state_dict(resume_from["model_state"])
         optimizer.load_state_dict(state["optimizer"])
@@ -270,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{args.network} ({n_params / 1e6:.1f}M parameters) on {device}"
         f"{' with ' + str(autocast_dtype(device)).removeprefix('torch.') + ' autocast' if amp else ''}; "
-        f"{len(train_set)} train / {len(valid_loader.dataset)} valid images at {args.image_size}px; run folder {run_dir}"
+        f"{len(train_loader.dataset)} train / {len(valid_loader.dataset)} valid images at {args.image_size}px"
+        f"{'' if isinstance(train_loader, CachedBatches) else ', decoded every epoch'}; run folder {run_dir}"
     )
 
     def checkpoint_contents(epoch: int, valid_dice: float) -> dict:
@@ -337,7 +373,6 @@ def main(argv: list[str] | None = None) -> None:
                 finished_epoch = epoch
         checkpoint = ckpt.load_checkpoint(run_dir / ckpt.BEST_NAME)
         model.load_state_dict(checkpoint["model_state"])
-        test_loader = eval_loader(data_path, "test", args.image_size, *loader_args, skip_bad=args.skip_bad)
         test = evaluate(model, test_loader, device, amp=amp, loss_fn=loss_fn, desc="test")
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)

@@ -176,6 +176,9 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator:
     """Write to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file whole."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the permissions open() would
     try:
         with os.fdopen(fd, mode) as file:
             yield file

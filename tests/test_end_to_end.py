@@ -4,49 +4,23 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import E2E_EPOCHS, E2E_FLAGS, run_script
 
 import evaluate
 import inference
 import train
 from oxford_pet import load_dataset
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-EPOCHS = 6
-TRAIN_FLAGS = ["-e", str(EPOCHS), "-b", "8", "--image-size", "64", "--num-workers", "0", "--device", "cpu"]
-
-
-def run_script(script: str, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    """Run src/SCRIPT from another folder, as a user would, and capture its output."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, str(SRC / script), *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env,
-        timeout=600,
-    )
-
 
 def printed_test_dice(output: str) -> float:
     match = re.search(r"^Test Dice: (\d\.\d{4})", output, flags=re.MULTILINE)
     assert match, f"no 'Test Dice:' line in:\n{output}"
     return float(match.group(1))
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    save_dir = tmp_path_factory.mktemp("saved_models")
-    result = run_script(
-        "train.py", "--data_path", synthetic_pets, *TRAIN_FLAGS, "--save-dir", save_dir, "--run-name", "e2e",
-        cwd=tmp_path_factory.mktemp("cwd"),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return save_dir / "e2e", result.stdout
 
 
 def all_pet_valid_dice(data_path: Path) -> float:
@@ -68,10 +42,10 @@ def test_run_folder_holds_checkpoint_history_curves_and_results(trained: tuple[P
     run_dir, stdout = trained
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
     assert checkpoint["network"] == "resnet34_unet" and checkpoint["image_size"] == 64
-    assert checkpoint["args"]["epochs"] == EPOCHS
+    assert checkpoint["args"]["epochs"] == E2E_EPOCHS
     with open(run_dir / "history.csv") as file:
         rows = list(csv.DictReader(file))
-    assert [int(row["epoch"]) for row in rows] == list(range(1, EPOCHS + 1))
+    assert [int(row["epoch"]) for row in rows] == list(range(1, E2E_EPOCHS + 1))
     best = max(rows, key=lambda row: float(row["valid_dice"]))
     assert checkpoint["epoch"] == int(best["epoch"]), "best.pt must be the epoch with the best valid Dice"
     assert (run_dir / "curves.png").read_bytes().startswith(b"\x89PNG")
@@ -113,22 +87,22 @@ def test_evaluate_script_scores_the_checkpoint_like_training(trained: tuple[Path
     assert printed_test_dice(result.stdout) == printed_test_dice(train_stdout)
 
 
-def test_a_second_run_with_the_same_name_gets_its_own_folder(trained: tuple[Path, str], synthetic_pets: Path, tmp_path: Path) -> None:
+def test_a_second_run_with_the_same_name_gets_its_own_folder(trained: tuple[Path, str]) -> None:
     run_dir, _ = trained
-    before = (run_dir / "best.pt").read_bytes()
-    flags = [*TRAIN_FLAGS, "-e", "1"]
-    result = run_script(
-        "train.py", "--data_path", synthetic_pets, *flags, "--save-dir", run_dir.parent, "--run-name", "e2e", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (run_dir.parent / "e2e-2" / "best.pt").is_file()
-    assert (run_dir / "best.pt").read_bytes() == before
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    second = train.make_run_dir(run_dir.parent, run_dir.name)
+    third = train.make_run_dir(run_dir.parent, run_dir.name)
+    assert (second.name, third.name) == (f"{run_dir.name}-2", f"{run_dir.name}-3")
+    assert not any(second.iterdir())
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
 
 
 def test_missing_dataset_without_download_is_a_clear_message(tmp_path: Path) -> None:
     save_dir = tmp_path / "saved_models"
+    empty = tmp_path / "oxford-iiit-pet"
+    empty.mkdir()
     result = run_script(
-        "train.py", "--data_path", tmp_path / "nowhere", "--no-download", "--device", "cpu", "--save-dir", save_dir,
+        "train.py", "--data_path", empty, "--no-download", "--device", "cpu", "--save-dir", save_dir,
         cwd=tmp_path,
     )
     assert result.returncode == 1

@@ -40,24 +40,24 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def test_interrupted_and_resumed_run_ends_bit_identical(
     synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    common = ["--data_path", str(synthetic_pets), "-e", "3", *FAST, "--save-dir", str(tmp_path)]
+    common = ["--data_path", str(synthetic_pets), "-e", "2", *FAST, "--save-dir", str(tmp_path)]
     train.main([*common, "--run-name", "straight"])
 
     real_epoch = train.train_one_epoch
     calls = []
 
-    def ctrl_c_in_epoch_3(*args, **kwargs):
+    def ctrl_c_in_epoch_2(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", ctrl_c_in_epoch_3)
+    monkeypatch.setattr(train, "train_one_epoch", ctrl_c_in_epoch_2)
     with pytest.raises(SystemExit) as exit_info:
         train.main([*common, "--run-name", "interrupted"])
     assert exit_info.value.code == 130
     assert not (tmp_path / "interrupted" / "results.json").exists()
-    assert torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)["epoch"] == 1
 
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
     train.main(["--resume", str(tmp_path / "interrupted")])
@@ -69,16 +69,16 @@ def test_interrupted_and_resumed_run_ends_bit_identical(
     assert json.loads((straight / "results.json").read_text())["test"] == json.loads((resumed / "results.json").read_text())["test"]
 
 
-def test_resume_refuses_to_change_the_recipe(synthetic_pets: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    train.main(["--data_path", str(synthetic_pets), "-e", "1", *FAST, "--save-dir", str(tmp_path), "--run-name", "r"])
+def test_resume_refuses_to_change_the_recipe(trained: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    run_dir, _ = trained
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--resume", str(tmp_path / "r"), "-lr", "0.5"])
+        train.main(["--resume", str(run_dir), "-lr", "0.5"])
     assert exit_info.value.code == 2
     assert "--learning-rate" in capsys.readouterr().err
     with pytest.raises(train.PetsegError, match="finished"):
-        train.main(["--resume", str(tmp_path / "r")])
+        train.main(["--resume", str(run_dir)])
     with pytest.raises(ckpt.CheckpointError, match="last.pt"):
-        train.main(["--resume", str(tmp_path / "r" / "best.pt")])
+        train.main(["--resume", str(run_dir / "best.pt")])
 
 
 def start_training(synthetic_pets: Path, save_dir: Path, epochs: int) -> subprocess.Popen:
@@ -101,7 +101,7 @@ def wait_for_epochs(run_dir: Path, process: subprocess.Popen, epochs: int, timeo
 
 
 def test_sigkill_mid_run_leaves_loadable_checkpoints_and_the_run_resumes(synthetic_pets: Path, tmp_path: Path) -> None:
-    process = start_training(synthetic_pets, tmp_path, 3)
+    process = start_training(synthetic_pets, tmp_path, 2)
     run_dir = tmp_path / "run"
     wait_for_epochs(run_dir, process, 1)
     time.sleep(0.5)  # into epoch 2: mid-step, or mid-write of the epoch's files
@@ -114,8 +114,8 @@ def test_sigkill_mid_run_leaves_loadable_checkpoints_and_the_run_resumes(synthet
         [sys.executable, str(SRC / "train.py"), "--resume", str(run_dir)], capture_output=True, text=True, cwd=tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [int(row["epoch"]) for row in history_without_timing(run_dir)] == [1, 2, 3]
-    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 3
+    assert [int(row["epoch"]) for row in history_without_timing(run_dir)] == [1, 2]
+    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 2
 
 
 def test_ctrl_c_saves_and_prints_the_exact_resume_command(synthetic_pets: Path, tmp_path: Path) -> None:

@@ -1,0 +1,93 @@
+"""The training augmentation on whole batches, on the training device.
+
+The same recipe as oxford_pet.build_transform(train=True) (the per-image path), with its ranges
+taken from there, but one grid_sample per batch instead of a chain of per-image transforms:
+random resized crop, horizontal flip and rotation composed into one affine map per image,
+sampled bilinearly for images and nearest for masks (so masks stay exactly 0/1), then
+brightness, contrast and saturation jitter with a factor per image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from oxford_pet import CROP_RATIO, CROP_SCALE, JITTER, ROTATION_DEGREES
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+def _uniform(low: float, high: float, n: int, generator: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+def sample_crops(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop's choice for n square images, in fractions of the side: centre x, y, width, height.
+
+    As torchvision does: up to 10 tries of area and log-uniform aspect ratio, the first that fits
+    wins, else the whole image.
+    """
+    tries = 10
+    area = _uniform(*CROP_SCALE, n * tries, generator).view(n, tries)
+    log_ratio = _uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), n * tries, generator).view(n, tries)
+    ratio = torch.exp(log_ratio)
+    width, height = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+    fits = (width <= 1) & (height <= 1)
+    first = fits.int().argmax(dim=1)
+    width = torch.where(fits.any(1), width.gather(1, first[:, None])[:, 0], torch.ones(n))
+    height = torch.where(fits.any(1), height.gather(1, first[:, None])[:, 0], torch.ones(n))
+    cx = width / 2 + (1 - width) * torch.rand(n, generator=generator)
+    cy = height / 2 + (1 - height) * torch.rand(n, generator=generator)
+    return cx, cy, width, height
+
+
+def sample_geometry(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps (n, 2, 3) from output to input coordinates (both in [-1, 1]) for crop, then flip, then
+    rotation; and the rotations alone, which tell where torchvision's rotation would fill with 0."""
+    cx, cy, width, height = sample_crops(n, generator)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    angle = torch.deg2rad(_uniform(-ROTATION_DEGREES, ROTATION_DEGREES, n, generator))
+    rotation = torch.zeros(n, 2, 3)
+    rotation[:, 0, 0], rotation[:, 0, 1] = torch.cos(angle), -torch.sin(angle)
+    rotation[:, 1, 0], rotation[:, 1, 1] = torch.sin(angle), torch.cos(angle)
+    # Output point -> rotated about the centre -> x flipped -> scaled into the crop -> moved to the crop's centre.
+    theta = rotation * torch.stack([flip * width, height], dim=1)[:, :, None]
+    theta[:, 0, 2] = 2 * cx - 1
+    theta[:, 1, 2] = 2 * cy - 1
+    return theta, rotation
+
+
+def augment_batch(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 3, M, M) and masks (N, 1, M, M), on any device, to augmented normalised
+    float images (N, 3, size, size) and float {0, 1} masks (N, 1, size, size) on that device.
+    Random choices come from `generator` (a CPU generator), so a run can be resumed exactly."""
+    n, device = len(images), images.device
+    theta, rotation = sample_geometry(n, generator)
+    shape = [n, 1, size, size]
+    inside = (F.affine_grid(rotation.to(device), shape, align_corners=False).abs() <= 1).all(dim=-1)[:, None]
+    grid = F.affine_grid(theta.to(device), shape, align_corners=False)
+    images = F.grid_sample(images.float() / 255, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    masks = F.grid_sample(masks.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    images = images * inside
+    masks = masks * inside
+
+    brightness, contrast, saturation = (
+        _uniform(1 - JITTER, 1 + JITTER, n, generator).to(device).view(n, 1, 1, 1) for _ in range(3)
+    )
+    weights = torch.tensor(GRAY_WEIGHTS, device=device).view(1, 3, 1, 1)
+    images = (images * brightness).clamp(0, 1)
+    gray_mean = (images * weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    images = (gray_mean + (images - gray_mean) * contrast).clamp(0, 1)
+    gray = (images * weights).sum(1, keepdim=True)
+    images = (gray + (images - gray) * saturation).clamp(0, 1)
+    return v2.functional.normalize(images, list(mean), list(std)), masks

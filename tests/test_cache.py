@@ -1,0 +1,106 @@
+"""The decode-once cache and the batched augmentation: same tensors, same recipe, rebuilt when stale."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_data import _agreement_away_from_edges, _asymmetric_pair
+from torch.utils.data import DataLoader
+from torchvision.transforms import RandomResizedCrop
+
+from augment import augment_batch, sample_crops
+from cache import CachedBatches, load_or_build
+from oxford_pet import CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, OxfordPetSegmentation, load_dataset
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+def test_cached_and_uncached_evaluation_tensors_are_identical(synthetic_pets: Path, tmp_path: Path, split: str) -> None:
+    dataset = load_dataset(synthetic_pets, split, image_size=64)
+    uncached = list(DataLoader(dataset, batch_size=7))
+    cached = list(CachedBatches(load_or_build(dataset, 64, tmp_path), 7, CPU, IMAGENET_MEAN, IMAGENET_STD))
+    assert len(cached) == len(uncached)
+    for (image_a, mask_a), (image_b, mask_b) in zip(uncached, cached):
+        assert torch.equal(image_a, image_b)
+        assert torch.equal(mask_a, mask_b)
+
+
+def cache_files(cache_dir: Path) -> set[str]:
+    return {path.name for path in cache_dir.iterdir()}
+
+
+def test_cache_is_reused_then_rebuilt_when_size_or_sources_change(synthetic_pets: Path, tmp_path: Path) -> None:
+    data = shutil.copytree(synthetic_pets, tmp_path / "pets")
+    cache_dir = tmp_path / "cache"
+    dataset = OxfordPetSegmentation(data, "valid")
+    first = load_or_build(dataset, 48, cache_dir)
+    files = cache_files(cache_dir)
+    assert len(files) == 3 and first.images.shape == (len(dataset), 3, 48, 48)
+
+    stamps = {name: (cache_dir / name).stat().st_mtime_ns for name in files}
+    again = load_or_build(dataset, 48, cache_dir)
+    assert {name: (cache_dir / name).stat().st_mtime_ns for name in files} == stamps, "an unchanged cache is reused"
+    assert torch.equal(again.images, first.images) and again.names == first.names
+
+    load_or_build(dataset, 40, cache_dir)
+    assert len(cache_files(cache_dir)) == 6, "another size is another cache"
+
+    trimap = data / "annotations" / "trimaps" / f"{dataset.names[1]}.png"
+    os.utime(trimap, ns=(trimap.stat().st_atime_ns, trimap.stat().st_mtime_ns + 10**9))
+    rebuilt = load_or_build(dataset, 48, cache_dir)
+    assert len(cache_files(cache_dir)) == 6, "the stale 48px cache is replaced, not kept beside the new one"
+    assert not files & cache_files(cache_dir)
+    assert torch.equal(rebuilt.masks, first.masks)
+
+
+def test_a_half_written_cache_is_not_used(synthetic_pets: Path, tmp_path: Path) -> None:
+    dataset = OxfordPetSegmentation(synthetic_pets, "valid")
+    load_or_build(dataset, 32, tmp_path)
+    names_file = next(tmp_path.glob("*.names.json"))
+    names_file.unlink()  # as if the build had been killed before its last file
+    rebuilt = load_or_build(dataset, 32, tmp_path)
+    assert json.loads(names_file.read_text()) == rebuilt.names == dataset.names
+
+
+def test_batched_augmentation_moves_images_and_masks_together() -> None:
+    image, mask = _asymmetric_pair(size=91)
+    images = image[None].repeat(16, 1, 1, 1).as_subclass(torch.Tensor)
+    masks = mask[None].repeat(16, 1, 1, 1).as_subclass(torch.Tensor)
+    out_images, out_masks = augment_batch(images, masks, 64, IMAGENET_MEAN, IMAGENET_STD, torch.Generator().manual_seed(0))
+    assert out_images.shape == (16, 3, 64, 64) and out_masks.shape == (16, 1, 64, 64)
+    assert set(out_masks.unique().tolist()) <= {0.0, 1.0}, "masks must stay exact"
+    for out_image, out_mask in zip(out_images, out_masks):
+        assert _agreement_away_from_edges(out_image, out_mask) > 0.995
+        assert _agreement_away_from_edges(out_image, out_mask.flip(-1)) < 0.9
+    assert len({out_mask.sum().item() for out_mask in out_masks}) > 8, "every image gets its own crop"
+
+
+def test_batched_augmentation_is_reproducible_from_its_generator() -> None:
+    image, mask = _asymmetric_pair(size=91)
+    images, masks = image[None].repeat(4, 1, 1, 1), mask[None].repeat(4, 1, 1, 1)
+    run = [augment_batch(images, masks, 64, IMAGENET_MEAN, IMAGENET_STD, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(run[0][0], run[1][0]) and torch.equal(run[0][1], run[1][1])
+
+
+def test_batched_crops_follow_random_resized_crop_ranges() -> None:
+    cx, cy, width, height = sample_crops(20_000, torch.Generator().manual_seed(0))
+    area, ratio = width * height, width / height
+    assert area.min() >= CROP_SCALE[0] - 1e-6 and area.max() <= CROP_SCALE[1] + 1e-6
+    assert ratio.min() >= CROP_RATIO[0] - 1e-6 and ratio.max() <= CROP_RATIO[1] + 1e-6
+    assert (cx - width / 2).min() >= 0 and (cx + width / 2).max() <= 1 + 1e-6
+    assert (cy - height / 2).min() >= 0 and (cy + height / 2).max() <= 1 + 1e-6
+    # The same distribution as torchvision's RandomResizedCrop, which the per-image path uses.
+    torch.manual_seed(0)
+    square = torch.zeros(1, 1000, 1000)
+    reference = [RandomResizedCrop.get_params(square, CROP_SCALE, CROP_RATIO) for _ in range(20_000)]
+    reference_area = torch.tensor([h * w / 1e6 for _, _, h, w in reference])
+    reference_ratio = torch.tensor([w / h for _, _, h, w in reference])
+    assert abs(area.mean() - reference_area.mean()) < 0.01
+    assert abs(area.std() - reference_area.std()) < 0.01
+    assert abs(ratio.log().mean() - reference_ratio.log().mean()) < 0.01
