@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
 
     checkpoint = ckpt.load_checkpoint(run_dir / ckpt.BEST_NAME)
     model.load_state_dict(checkpoint["model_state"])
-    test_loader = eval_loader(data_path, "test", args.image_size, *loader_args)
+    test_loader = eval_loader(data_path, "test", args.image_size, *loader_args, original_masks=True)
     test = evaluate(model, test_loader, device, amp=amp, loss_fn=loss_fn, desc="test")
     print(f"Best valid Dice {best_dice:.4f} at epoch {best_epoch}; test set ({len(test_loader.dataset)} images) with that checkpoint:")
     print(format_result("test", test))
