@@ -104,12 +104,15 @@ def plot_comparison(runs: Sequence[tuple[str, Sequence[dict]]], path: Path, titl
     for index, (label, history) in enumerate(runs):
         color = f"C{index}"
         epochs = [row["epoch"] for row in history]
+        marker = "." if len(epochs) < 30 else None  # a short run's points would otherwise hide in its lines
         for ax, metric in ((ax_dice, "dice"), (ax_loss, "loss")):
-            ax.plot(epochs, [row[f"valid_{metric}"] for row in history], color=color, label=label)
-            ax.plot(epochs, [row[f"train_{metric}"] for row in history], color=color, linestyle="--")
+            ax.plot(epochs, [row[f"valid_{metric}"] for row in history], color=color, marker=marker, label=label)
+            ax.plot(epochs, [row[f"train_{metric}"] for row in history], color=color, marker=marker, linestyle="--")
         best = max(history, key=lambda row: row["valid_dice"])
         ax_dice.plot(best["epoch"], best["valid_dice"], marker="o", color=color, markersize=7)
+    ax_dice.set_title("Dice")
     ax_dice.set_ylabel("Dice (mean per image)")
+    ax_loss.set_title("loss")
     # Early losses are many times the late ones; a log scale keeps the end of training readable.
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("BCE + soft Dice loss (log scale)")
