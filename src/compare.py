@@ -71,6 +71,8 @@ def load_run(folder: Path) -> Run:
         results = json.loads((folder / "results.json").read_text())
     except json.JSONDecodeError as error:
         raise PetsegError(f"{folder / 'results.json'} is not valid JSON ({error}).") from error
+    if not isinstance(results, dict) or not {"test", "best_epoch"} <= results.keys():
+        raise PetsegError(f"{folder / 'results.json'} lacks the test scores or best epoch train.py writes there.")
     checkpoint = ckpt.load_checkpoint(folder)
     # Counting needs shapes only: the meta device skips allocating weights and doing the arithmetic.
     with torch.device("meta"):
