@@ -331,3 +331,12 @@ def test_compare_refuses_a_folder_that_is_not_a_finished_run(trained: tuple[Path
     with pytest.raises(PetsegError, match="unfinished has no results.json"):
         compare.main([str(trained[0]), str(unfinished)])
     assert figures(trained[0].parent) == before
+
+
+def test_compare_explains_itself_and_needs_two_runs(trained: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--help"])
+    assert exit_info.value.code == 0 and "RUN_DIR" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(trained[0])])
+    assert exit_info.value.code == 2 and "two or more" in capsys.readouterr().err
