@@ -39,7 +39,7 @@ from evaluate import (
     predict_logits,
     resize_logits,
 )
-from oxford_pet import build_transform, prepare_dataset, read_image
+from oxford_pet import OxfordPetSegmentation, build_transform, prepare_dataset, read_image
 from plots import Case, plot_cases, prediction_overlay
 from utils import PetsegError, atomic_write, logits_to_mask, run_script, unused_path
 
@@ -218,9 +218,37 @@ def write_per_image_csv(names: list[str], result: EvalResult, path: Path) -> Non
 def pick_cases(dices: list[float], random_count: int, worst_count: int, seed: int) -> tuple[list[int], list[int]]:
     """Indexes of seeded random images and of the worst ones (lowest Dice first); no image is in both."""
     worst = sorted(range(len(dices)), key=lambda i: dices[i])[:worst_count]
-    rest = [i for i in range(len(dices)) if i not in set(worst)]
+    taken = set(worst)
+    rest = [i for i in range(len(dices)) if i not in taken]
     order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:random_count]
     return sorted(rest[i] for i in order.tolist()), worst
+
+
+def figure_cases(
+    model: nn.Module,
+    dataset: OxfordPetSegmentation,
+    indexes: list[int],
+    result: EvalResult,
+    device: torch.device,
+    amp: bool,
+    tta: bool,
+) -> list[Case]:
+    """The chosen test images at their own size, with their masks and a caption giving both Dice scores."""
+    if not indexes:
+        return []
+    pairs = [dataset.load_pair(i) for i in indexes]
+    predictions = predict_masks(model, [photo for photo, _ in pairs], dataset.transform, device, amp, tta)
+    size = "×".join(map(str, result.image_size))
+    return [
+        Case(
+            photo.as_subclass(torch.Tensor),
+            truth[0].bool(),
+            prediction,
+            f"{dataset.names[i]}\nDice {result.per_image_dice[i]:.3f} at {size}, "
+            f"{result.per_image_original[i].dice:.3f} full size",
+        )
+        for i, (photo, truth), prediction in zip(indexes, pairs, predictions)
+    ]
 
 
 def score_test_split(args: argparse.Namespace) -> None:
@@ -240,28 +268,21 @@ def score_test_split(args: argparse.Namespace) -> None:
     dataset = loader.dataset
     write_per_image_csv(dataset.names, result, table)
 
+    # The figure shows images at full size, so "worst" is judged there too.
     dices = [score.dice for score in result.per_image_original]
     random_picks, worst = pick_cases(dices, args.num_images, args.worst, args.seed)
     if not random_picks and not worst:
         print(f"Wrote {table} (Dice of each test image)")
         return
-    size = "×".join(map(str, result.image_size))
-
-    def cases(indexes: list[int]) -> list[Case]:
-        if not indexes:
-            return []
-        photos = [dataset.load_pair(i) for i in indexes]
-        predictions = predict_masks(model, [photo for photo, _ in photos], dataset.transform, device, amp, args.tta)
-        return [
-            Case(photo.as_subclass(torch.Tensor), truth[0].bool(), prediction,
-                 f"{dataset.names[i]}\nDice {result.per_image_dice[i]:.3f} at {size}, {dices[i]:.3f} full size")
-            for i, (photo, truth), prediction in zip(indexes, photos, predictions)
-        ]
-
     figure = unused_path(args.figure or run_dir / f"test_predictions{tag}.png")
+    size = "×".join(map(str, result.image_size))
     plot_cases(
-        [(f"{len(random_picks)} random test images (seed {args.seed})", cases(random_picks)),
-         (f"the {len(worst)} worst test images (lowest Dice at full size)", cases(worst))],
+        [
+            (f"{len(random_picks)} random test images (seed {args.seed})",
+             figure_cases(model, dataset, random_picks, result, device, amp, args.tta)),
+            (f"the {len(worst)} worst test images (lowest Dice at full size)",
+             figure_cases(model, dataset, worst, result, device, amp, args.tta)),
+        ],
         figure,
         title=f"{checkpoint['network']}: test Dice {result.dice:.4f} at {size}, {result.dice_original:.4f} at full size"
         f"{', horizontal-flip TTA' if args.tta else ''}",
