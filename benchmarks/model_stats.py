@@ -5,23 +5,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from models import MODEL_NAMES, build_model  # noqa: E402
-
-
-def count_flops(model: nn.Module, image_size: int, backward: bool) -> int:
-    """FLOPs (2 per MAC) for one image: forward only, or forward + BCE loss + backward."""
-    x = torch.randn(1, 3, image_size, image_size)
-    with FlopCounterMode(display=False) as counter:
-        logits = model(x)
-        if backward:
-            F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)).backward()
-    return counter.get_total_flops()
+from models.stats import count_flops, count_parameters  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +24,7 @@ def main() -> None:
     with torch.device("meta"):
         for name in MODEL_NAMES:
             model = build_model(name).train()
-            params = sum(p.numel() for p in model.parameters())
+            params = count_parameters(model)
             forward = count_flops(model, args.image_size, backward=False)
             train_step = count_flops(model, args.image_size, backward=True)
             print(f"| {name} | {params / 1e6:.2f} | {forward / 1e9:.2f} | {train_step / 1e9:.2f} |")

@@ -1,6 +1,7 @@
-"""Evaluate a model on a split: loss, per-image Dice (the headline), dataset-wide Dice and IoU.
+"""Evaluate a model on a split: loss, per-image Dice (the headline), dataset-wide Dice and IoU,
+at the model's input size and at each image's own size; the prediction function every script uses.
 
-    python src/evaluate.py -m saved_models/RUN/best.pt --split valid
+    python src/evaluate.py -m saved_models/RUN/best.pt --split valid [--tta]
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -21,15 +23,100 @@ from utils import autocast, logits_to_mask, per_image_dice, run_script, select_d
 
 
 @dataclass
+class PooledPixels:
+    """Pixel counts summed over images: the dataset-wide Dice and IoU, which weigh big pets more."""
+
+    intersection: int = 0
+    union: int = 0
+    predicted: int = 0
+    truth: int = 0
+
+    def add(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        self.intersection += (pred & gt).sum().item()
+        self.union += (pred | gt).sum().item()
+        self.predicted += pred.sum().item()
+        self.truth += gt.sum().item()
+
+    @property
+    def dice(self) -> float:
+        total = self.predicted + self.truth
+        return 2 * self.intersection / total if total else 1.0
+
+    @property
+    def iou(self) -> float:
+        return self.intersection / self.union if self.union else 1.0
+
+
+@dataclass
+class OriginalSizeScore:
+    """One image scored at its own size: the prediction resized to the photo, against the untouched mask."""
+
+    height: int
+    width: int
+    pet_pixels: int
+    predicted_pixels: int
+    dice: float
+
+
+@dataclass
 class EvalResult:
     loss: float
-    dice: float  # mean over images of each image's Dice: the lab's number
+    dice: float  # mean over images of each image's Dice at the model's input size: the lab's number
     dataset_dice: float  # Dice of all pixels pooled, so big pets weigh more
     dataset_iou: float
     per_image_dice: list[float] = field(repr=False)
+    image_size: tuple[int, int]  # (H, W) the model saw, and the masks were resized to
+    tta: bool = False
+    # The same scores at each image's own size; None when the loader gave no original masks.
+    dice_original: float | None = None
+    dataset_dice_original: float | None = None
+    dataset_iou_original: float | None = None
+    per_image_original: list[OriginalSizeScore] | None = field(default=None, repr=False)
 
-    def summary(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if k != "per_image_dice"}
+    def summary(self) -> dict[str, object]:
+        """The scores without the per-image lists, for results.json."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("per_image") and v is not None}
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, amp: bool = False, tta: bool = False) -> torch.Tensor:
+    """Float32 pet logits (N, 1, H, W) of a batch of normalised images; threshold with logits_to_mask.
+
+    With tta the model also sees each image mirrored left-right; the two probability maps (the
+    second mirrored back) are averaged and the logit of that mean is returned, so resizing and
+    thresholding treat both cases alike. Without it the model's logits are returned unchanged.
+    """
+    with autocast(images.device, amp):
+        logits = model(images).float()
+    if not tta:
+        return logits
+    with autocast(images.device, amp):
+        mirrored = model(images.flip(-1)).float().flip(-1)
+    # logit((σ(a) + σ(b)) / 2) = log(σ(a) + σ(b)) - log(σ(-a) + σ(-b)), in log space so that
+    # confident logits neither round to a probability of exactly 1 nor turn into infinities.
+    pet = torch.logaddexp(F.logsigmoid(logits), F.logsigmoid(mirrored))
+    background = torch.logaddexp(F.logsigmoid(-logits), F.logsigmoid(-mirrored))
+    return pet - background
+
+
+def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits (N, 1, h, w) resized bilinearly to size (H, W), e.g. back to a photo's own size; threshold after."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def score_at_original_size(logits: torch.Tensor, original_mask: torch.Tensor, pooled: PooledPixels) -> OriginalSizeScore:
+    """Score one image's logits (1, h, w) against its mask (1, H, W) at the mask's own size; adds to `pooled`."""
+    pred = logits_to_mask(resize_logits(logits[None], original_mask.shape[-2:]))[0]
+    gt = original_mask.bool()
+    pooled.add(pred, gt)
+    return OriginalSizeScore(
+        height=gt.shape[-2],
+        width=gt.shape[-1],
+        pet_pixels=int(gt.sum()),
+        predicted_pixels=int(pred.sum()),
+        dice=per_image_dice(pred[None], gt[None]).item(),
+    )
 
 
 @torch.no_grad()
@@ -40,32 +127,60 @@ def evaluate(
     amp: bool = False,
     loss_fn: nn.Module | None = None,
     desc: str = "eval",
+    tta: bool = False,
 ) -> EvalResult:
-    """Run the model over a loader of (image, mask) batches; the loss is NaN when no loss_fn is given."""
+    """Run the model over a loader of (image, mask) batches, or of (image, mask, original masks)
+    ones (eval_loader(original_masks=True)) to also score each image at its own size.
+    The loss is NaN when no loss_fn is given."""
     model.eval()
-    loss_sum, intersection, pred_total, gt_total, union = 0.0, 0, 0, 0, 0
-    dices = []
-    for images, masks in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = model(images)
+    loss_sum = 0.0
+    pooled, pooled_original = PooledPixels(), PooledPixels()
+    dices, originals = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        images = batch[0].to(device, non_blocking=True)
+        masks = batch[1].to(device, non_blocking=True)
+        logits = predict_logits(model, images, amp, tta)
         if loss_fn is not None:
             loss_sum += loss_fn(logits, masks).item() * len(images)
         pred, gt = logits_to_mask(logits), masks.bool()
         dices.append(per_image_dice(pred, gt).cpu())
-        intersection += (pred & gt).sum().item()
-        union += (pred | gt).sum().item()
-        pred_total += pred.sum().item()
-        gt_total += gt.sum().item()
+        pooled.add(pred, gt)
+        if len(batch) == 3:
+            originals += [
+                score_at_original_size(logit, original.to(device), pooled_original)
+                for logit, original in zip(logits, batch[2])
+            ]
     per_image = torch.cat(dices)
     return EvalResult(
         loss=loss_sum / len(per_image) if loss_fn is not None else float("nan"),
         dice=per_image.mean().item(),
-        dataset_dice=2 * intersection / (pred_total + gt_total) if pred_total + gt_total else 1.0,
-        dataset_iou=intersection / union if union else 1.0,
+        dataset_dice=pooled.dice,
+        dataset_iou=pooled.iou,
         per_image_dice=per_image.tolist(),
+        image_size=tuple(images.shape[-2:]),
+        tta=tta,
+        dice_original=sum(score.dice for score in originals) / len(originals) if originals else None,
+        dataset_dice_original=pooled_original.dice if originals else None,
+        dataset_iou_original=pooled_original.iou if originals else None,
+        per_image_original=originals or None,
     )
+
+
+class SplitWithOriginalMasks(OxfordPetSegmentation):
+    """Items (image, mask, original mask): the third is the mask at its image's own size, untouched."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, original_mask = self.load_pair(index)
+        image, mask = self.transform(image, original_mask)
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor), original_mask.as_subclass(torch.Tensor)
+
+
+def collate_with_original_masks(
+    batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Stack the model-size images and masks; keep the original masks, each of its own size, as a list."""
+    images, masks, original_masks = zip(*batch)
+    return torch.stack(images), torch.stack(masks), list(original_masks)
 
 
 def default_num_workers() -> int:
@@ -82,31 +197,55 @@ def eval_loader(
     num_workers: int,
     device: torch.device,
     skip_bad: bool = False,
+    original_masks: bool = False,
 ) -> DataLoader:
-    """A split resized and normalised for evaluation, in file order."""
+    """A split resized and normalised for evaluation, in file order; with original_masks, batches
+    also carry each mask at its image's own size (a list), for scoring at the original resolution."""
     transform = build_transform(False, image_size, tuple(mean), tuple(std))
-    dataset = OxfordPetSegmentation(data_path, split, transform, skip_bad=skip_bad)
+    split_class = SplitWithOriginalMasks if original_masks else OxfordPetSegmentation
+    dataset = split_class(data_path, split, transform, skip_bad=skip_bad)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda"
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_with_original_masks if original_masks else None,
     )
 
 
 def checkpoint_loader(
-    data_path: Path, split: str, checkpoint: dict, batch_size: int, num_workers: int, device: torch.device
+    data_path: Path,
+    split: str,
+    checkpoint: dict,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    original_masks: bool = False,
 ) -> DataLoader:
     """A split prepared exactly as the checkpoint's run evaluated it (same size and normalisation)."""
     return eval_loader(
-        data_path, split, checkpoint["image_size"], checkpoint["mean"], checkpoint["std"], batch_size, num_workers, device
+        data_path, split, checkpoint["image_size"], checkpoint["mean"], checkpoint["std"], batch_size, num_workers,
+        device, original_masks=original_masks,
     )
 
 
 def format_result(split: str, result: EvalResult) -> str:
     """The lines train.py and inference.py both print, so their numbers can be compared by eye."""
     name = split.capitalize()
-    return (
-        f"{name} Dice: {result.dice:.4f}  (mean of per-image Dice, images at the checkpoint's size)\n"
-        f"{name} dataset-wide Dice: {result.dataset_dice:.4f}  IoU: {result.dataset_iou:.4f}  (pixels pooled)"
-    )
+    size = "×".join(map(str, result.image_size))
+    tta = ", horizontal-flip TTA" if result.tta else ""
+    lines = [
+        f"{name} Dice: {result.dice:.4f}  (mean of per-image Dice at {size}, the model's input size: the lab's definition{tta})",
+        f"{name} dataset-wide Dice: {result.dataset_dice:.4f}  IoU: {result.dataset_iou:.4f}  (pixels pooled, at {size})",
+    ]
+    if result.dice_original is not None:
+        lines.append(
+            f"{name} Dice at original size: {result.dice_original:.4f}  dataset-wide: "
+            f"{result.dataset_dice_original:.4f}  IoU: {result.dataset_iou_original:.4f}  "
+            "(logits resized to each image's own size)"
+        )
+    return "\n".join(lines)
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +257,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default: cuda, then mps, then cpu")
     parser.add_argument("--num-workers", "--num_workers", type=int, default=default_num_workers(), help="data loading processes (default: %(default)s)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: as the checkpoint's run used it)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average the probabilities of each image and its mirror image")
 
 
 def load_for_eval(args: argparse.Namespace) -> tuple[dict, nn.Module, torch.device, bool]:
@@ -138,8 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     checkpoint, model, device, amp = load_for_eval(args)
     data_path = prepare_dataset(args.data_path)
-    loader = checkpoint_loader(data_path, args.split, checkpoint, args.batch_size, args.num_workers, device)
-    result = evaluate(model, loader, device, amp=amp, desc=args.split)
+    loader = checkpoint_loader(
+        data_path, args.split, checkpoint, args.batch_size, args.num_workers, device, original_masks=True
+    )
+    result = evaluate(model, loader, device, amp=amp, desc=args.split, tta=args.tta)
     print(f"{checkpoint['network']} epoch {checkpoint['epoch']} on {args.split} ({len(loader.dataset)} images)")
     print(format_result(args.split, result))
 

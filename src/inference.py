@@ -1,76 +1,301 @@
-"""Score a saved checkpoint on the test split and draw its predictions over the images.
+"""Run a checkpoint on your own photos, or score it on the test split and show its best and worst work.
 
-    python src/inference.py -m saved_models/RUN/best.pt
-    python src/inference.py -m saved_models/RUN          # a run folder means its best.pt
+    python src/inference.py -m saved_models/RUN --input photos/ --output masks/   # your images
+    python src/inference.py -m saved_models/RUN                                   # the test split
+    (a run folder means its best.pt; add --tta for horizontal-flip test-time augmentation)
 
-Prints the same `Test Dice:` line train.py printed for that checkpoint and writes a PNG of
-test images with the ground truth and the prediction overlaid.
+With --input (a file, or a folder of images) each photo, whatever its size and mode, is predicted
+at the checkpoint's image size and the logits are resized back to the photo's own size before
+thresholding: NAME_mask.png (0 or 255, the photo's size) and NAME_overlay.png go to --output.
+Without --input it prints the `Test Dice:` lines train.py printed for that checkpoint, plus the
+Dice at each image's own size, and writes beside the checkpoint test_dice.csv (one row per test
+image) and test_predictions.png (random and worst test images, errors coloured).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import sys
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from tqdm import tqdm
 
 from checkpoint import resolve_checkpoint_path
-from evaluate import add_eval_args, checkpoint_loader, evaluate, format_result, load_for_eval
-from oxford_pet import prepare_dataset
-from plots import plot_predictions
-from utils import autocast, logits_to_mask, run_script, unused_path
+from evaluate import (
+    EvalResult,
+    add_eval_args,
+    checkpoint_loader,
+    evaluate,
+    format_result,
+    load_for_eval,
+    predict_logits,
+    resize_logits,
+)
+from oxford_pet import OxfordPetSegmentation, build_transform, prepare_dataset, read_image
+from plots import Case, plot_cases, prediction_overlay
+from utils import PetsegError, atomic_write, logits_to_mask, run_script, unused_path
+
+MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.png"
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Test Dice of a petseg checkpoint, and a figure of its predictions on test images.",
+        description="Predict pet masks on your own images (--input), or score a petseg checkpoint on the "
+        "test split and draw its predictions.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_eval_args(parser)
-    parser.add_argument("-k", "--num-images", type=int, default=8, help="test images shown in the figure")
-    parser.add_argument(
+    own = parser.add_argument_group("your own images")
+    own.add_argument("--input", type=Path, default=None, help="an image file, or a folder of them (not searched recursively); no dataset needed")
+    own.add_argument("--output", type=Path, default=None, help="folder for NAME_mask.png and NAME_overlay.png (created if missing)")
+    own.add_argument("--overwrite", action="store_true", help="replace outputs already in --output instead of refusing")
+    test = parser.add_argument_group("test split")
+    test.add_argument("-k", "--num-images", type=count, default=4, help="random test images shown in the figure")
+    test.add_argument("--worst", type=count, default=4, help="test images with the lowest Dice shown in the figure")
+    test.add_argument("--seed", type=int, default=0, help="which random test images the figure shows")
+    test.add_argument(
         "--figure", type=Path, default=None,
         help="where to write the PNG (default: test_predictions.png beside the checkpoint; an existing file is never overwritten)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.input is None) != (args.output is None):
+        parser.error("--input and --output go together: images from --input, masks and overlays to --output")
+    if args.overwrite and args.input is None:
+        parser.error("--overwrite applies to --input/--output only; test-split files are never overwritten")
+    return args
 
 
-def denormalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """Normalised float images back to uint8 for display."""
-    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
-    std_t = torch.tensor(std).view(1, 3, 1, 1)
-    return ((images * std_t + mean_t).clamp(0, 1) * 255).round().to(torch.uint8)
+@torch.no_grad()
+def predict_masks(
+    model: nn.Module, images: list[torch.Tensor], transform: v2.Transform, device: torch.device, amp: bool, tta: bool
+) -> list[torch.Tensor]:
+    """Bool masks (H, W), each at its photo's own size, of uint8 photos (3, H, W) of any sizes."""
+    batch = torch.stack([transform(tv_tensors.Image(image)).as_subclass(torch.Tensor) for image in images])
+    logits = predict_logits(model, batch.to(device), amp, tta)
+    return [logits_to_mask(resize_logits(logit[None], image.shape[-2:]))[0, 0].cpu() for logit, image in zip(logits, images)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+# ----------------------------------------------------------------------------- your own images
+
+
+def is_image(path: Path) -> bool:
+    """Whether Pillow recognises the file as an image (it reads only the header here)."""
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError):
+        return False
+
+
+def find_images(input_path: Path, output_dir: Path) -> list[Path]:
+    """The images to predict: the file itself, or a folder's image files in name order (others skipped, with a warning)."""
+    if not input_path.exists():
+        raise PetsegError(f"--input {input_path} does not exist.")
+    if input_path.is_file():
+        if not is_image(input_path):
+            raise PetsegError(f"--input {input_path} is not an image file that Pillow can read (JPEG, PNG, ...).")
+        return [input_path]
+    if output_dir.resolve() == input_path.resolve():
+        raise PetsegError(
+            f"--output is the --input folder {input_path}; write the masks to another folder, or a later run "
+            "would take them for photos."
+        )
+    files = sorted(path for path in input_path.iterdir() if path.is_file())
+    images = [path for path in files if is_image(path)]
+    skipped = [path.name for path in files if path not in images]
+    if skipped:
+        print(f"warning: skipping {len(skipped)} file(s) in {input_path} that are not images: {', '.join(skipped)}", file=sys.stderr)
+    if not images:
+        raise PetsegError(f"--input {input_path} holds no image file that Pillow can read (JPEG, PNG, ...).")
+    return images
+
+
+def output_paths(images: list[Path], output_dir: Path) -> list[tuple[Path, Path]]:
+    """(mask, overlay) paths of each image; two photos whose names differ only in suffix are an error."""
+    owners: dict[str, Path] = {}
+    for image in images:
+        if image.stem in owners:
+            raise PetsegError(
+                f"{owners[image.stem].name} and {image.name} would both be saved as {image.stem}{MASK_SUFFIX}; "
+                "rename one of them."
+            )
+        owners[image.stem] = image
+    return [(output_dir / f"{image.stem}{MASK_SUFFIX}", output_dir / f"{image.stem}{OVERLAY_SUFFIX}") for image in images]
+
+
+def check_outputs_are_free(paths: list[tuple[Path, Path]], output_dir: Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, when --output is a file or already holds one of the outputs."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PetsegError(f"--output {output_dir} is a file; it must be a folder (it is created if missing).")
+    existing = [path for pair in paths for path in pair if path.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more of the outputs)" if len(existing) > 1 else ""
+        raise PetsegError(
+            f"{existing[0]} already exists{more}; nothing was written. Pass --overwrite to replace the "
+            "outputs, or choose another --output."
+        )
+
+
+class ImageFiles(Dataset):
+    """Photos as RGB uint8 (3, H, W) at their own size, decoded in DataLoader workers."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            return read_image(path)
+        except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for truncated or corrupt data
+            raise PetsegError(f"{path}: cannot decode the image ({error}). Outputs of earlier images were kept.") from error
+
+
+def write_png(image: torch.Tensor, path: Path) -> None:
+    """A uint8 tensor (1 or 3, H, W) as a grayscale or RGB PNG, atomically."""
+    with atomic_write(path) as file:
+        Image.fromarray(image.permute(1, 2, 0).squeeze(-1).numpy()).save(file, format="PNG")
+
+
+def predict_files(args: argparse.Namespace) -> None:
+    images = find_images(args.input, args.output)
+    paths = output_paths(images, args.output)
+    check_outputs_are_free(paths, args.output, args.overwrite)
+    checkpoint, model, device, amp = load_for_eval(args)
+    size = checkpoint["image_size"]
+    print(
+        f"{checkpoint['network']} from epoch {checkpoint['epoch']} (valid Dice {checkpoint['valid_dice']:.4f}); "
+        f"{len(images)} image(s) predicted at {size}×{size}{' with horizontal-flip TTA' if args.tta else ''}, "
+        "masks at each image's own size"
+    )
+    args.output.mkdir(parents=True, exist_ok=True)
+    transform = build_transform(False, size, tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
+    loader = DataLoader(ImageFiles(images), batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=list)
+    pending = iter(paths)
+    with tqdm(total=len(images), unit="img", desc="predicting", dynamic_ncols=True) as progress:
+        for batch in loader:
+            for image, mask, (mask_path, overlay_path) in zip(batch, predict_masks(model, batch, transform, device, amp, args.tta), pending):
+                write_png(mask[None].to(torch.uint8) * 255, mask_path)
+                write_png(prediction_overlay(image, mask), overlay_path)
+            progress.update(len(batch))
+    print(f"Wrote {len(images)} mask(s) (*{MASK_SUFFIX}, 0 or 255) and overlay(s) (*{OVERLAY_SUFFIX}) to {args.output}")
+
+
+# ----------------------------------------------------------------------------- the test split
+
+
+def write_per_image_csv(names: list[str], result: EvalResult, path: Path) -> None:
+    """One row per image: its size, Dice at the model's input size and at its own size, pet pixels."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["name", "width", "height", "dice", "dice_original", "pet_pixels", "predicted_pixels"])
+    for name, dice, original in zip(names, result.per_image_dice, result.per_image_original):
+        writer.writerow(
+            [name, original.width, original.height, f"{dice:.6f}", f"{original.dice:.6f}", original.pet_pixels, original.predicted_pixels]
+        )
+    with atomic_write(path, "w") as file:
+        file.write(text.getvalue())
+
+
+def pick_cases(dices: list[float], random_count: int, worst_count: int, seed: int) -> tuple[list[int], list[int]]:
+    """Indexes of seeded random images and of the worst ones (lowest Dice first); no image is in both."""
+    worst = sorted(range(len(dices)), key=lambda i: dices[i])[:worst_count]
+    taken = set(worst)
+    rest = [i for i in range(len(dices)) if i not in taken]
+    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:random_count]
+    return sorted(rest[i] for i in order.tolist()), worst
+
+
+def figure_cases(
+    model: nn.Module,
+    dataset: OxfordPetSegmentation,
+    indexes: list[int],
+    result: EvalResult,
+    device: torch.device,
+    amp: bool,
+    tta: bool,
+) -> list[Case]:
+    """The chosen test images at their own size, with their masks and a caption giving both Dice scores."""
+    if not indexes:
+        return []
+    pairs = [dataset.load_pair(i) for i in indexes]
+    predictions = predict_masks(model, [photo for photo, _ in pairs], dataset.transform, device, amp, tta)
+    size = "×".join(map(str, result.image_size))
+    return [
+        Case(
+            photo.as_subclass(torch.Tensor),
+            truth[0].bool(),
+            prediction,
+            f"{dataset.names[i]}\nDice {result.per_image_dice[i]:.3f} at {size}, "
+            f"{result.per_image_original[i].dice:.3f} full size",
+        )
+        for i, (photo, truth), prediction in zip(indexes, pairs, predictions)
+    ]
+
+
+def score_test_split(args: argparse.Namespace) -> None:
     checkpoint, model, device, amp = load_for_eval(args)
     data_path = prepare_dataset(args.data_path)
-    loader = checkpoint_loader(data_path, "test", checkpoint, args.batch_size, args.num_workers, device)
-    result = evaluate(model, loader, device, amp=amp, desc="test")
+    loader = checkpoint_loader(
+        data_path, "test", checkpoint, args.batch_size, args.num_workers, device, original_masks=True
+    )
+    result = evaluate(model, loader, device, amp=amp, desc="test", tta=args.tta)
     print(f"{checkpoint['network']} from epoch {checkpoint['epoch']} (valid Dice {checkpoint['valid_dice']:.4f}); "
           f"test set: {len(loader.dataset)} images")
     print(format_result("test", result))
 
+    run_dir = resolve_checkpoint_path(args.model).parent
+    tag = "_tta" if args.tta else ""
+    table = unused_path(run_dir / f"test_dice{tag}.csv")
     dataset = loader.dataset
-    count = min(args.num_images, len(dataset))
-    # Evenly spaced over the split, so the same checkpoint always shows the same images.
-    indexes = torch.linspace(0, len(dataset) - 1, count).round().long().tolist()
-    images, masks = (torch.stack(tensors) for tensors in zip(*(dataset[i] for i in indexes)))
-    with torch.no_grad(), autocast(device, amp):
-        logits = model(images.to(device)).float().cpu()
-    figure = args.figure or resolve_checkpoint_path(args.model).parent / "test_predictions.png"
-    figure = unused_path(figure)
-    plot_predictions(
-        denormalize(images, checkpoint["mean"], checkpoint["std"]),
-        masks[:, 0].bool(),
-        logits_to_mask(logits)[:, 0],
-        [result.per_image_dice[i] for i in indexes],
-        [dataset.names[i] for i in indexes],
+    write_per_image_csv(dataset.names, result, table)
+
+    # The figure shows images at full size, so "worst" is judged there too.
+    dices = [score.dice for score in result.per_image_original]
+    random_picks, worst = pick_cases(dices, args.num_images, args.worst, args.seed)
+    if not random_picks and not worst:
+        print(f"Wrote {table} (Dice of each test image)")
+        return
+    figure = unused_path(args.figure or run_dir / f"test_predictions{tag}.png")
+    size = "×".join(map(str, result.image_size))
+    plot_cases(
+        [
+            (f"{len(random_picks)} random test images (seed {args.seed})",
+             figure_cases(model, dataset, random_picks, result, device, amp, args.tta)),
+            (f"the {len(worst)} worst test images (lowest Dice at full size)",
+             figure_cases(model, dataset, worst, result, device, amp, args.tta)),
+        ],
         figure,
-        title=f"{checkpoint['network']}, test Dice {result.dice:.4f}  (green: ground truth, orange: prediction)",
+        title=f"{checkpoint['network']}: test Dice {result.dice:.4f} at {size}, {result.dice_original:.4f} at full size"
+        f"{', horizontal-flip TTA' if args.tta else ''}",
     )
-    print(f"Wrote {figure}")
+    print(f"Wrote {table} (Dice of each test image) and {figure}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.input is not None:
+        predict_files(args)
+    else:
+        score_test_split(args)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from evaluate import default_num_workers, evaluate, format_result
+from evaluate import default_num_workers, eval_loader, evaluate, format_result
 from models import MODEL_NAMES, build_model
 from cache import DEFAULT_CACHE_DIR, CachedBatches, available_memory_bytes, cache_bytes, load_or_build
 from oxford_pet import (
     DEFAULT_DATA_PATH,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    SPLITS,
     crop_source_size,
     load_dataset,
     prepare_dataset,
@@ -227,20 +226,19 @@ def train_one_epoch(
 
 
 def make_loaders(args: argparse.Namespace, data_path: Path, device: torch.device) -> tuple:
-    """Train, valid and test batches: from the decode-once cache unless --no-cache, or it would not fit in memory."""
-    datasets = {split: load_dataset(data_path, split, args.image_size, skip_bad=args.skip_bad) for split in SPLITS}
-    sizes = {"train": crop_source_size(args.image_size), "valid": args.image_size, "test": args.image_size}
-    needed = sum(cache_bytes(len(datasets[split]), sizes[split]) for split in SPLITS)
+    """Train and valid batches: from the decode-once cache unless --no-cache, or it would not fit in memory."""
+    datasets = {split: load_dataset(data_path, split, args.image_size, skip_bad=args.skip_bad) for split in ("train", "valid")}
+    sizes = {"train": crop_source_size(args.image_size), "valid": args.image_size}
+    needed = sum(cache_bytes(len(dataset), sizes[split]) for split, dataset in datasets.items())
     use_cache = not args.no_cache and needed <= available_memory_bytes() // 2
     if not args.no_cache and not use_cache:
         print(f"warning: the cache needs {needed / 2**30:.1f} GiB, more than half the free memory; decoding every epoch instead.", file=sys.stderr)
     if use_cache:
-        cached = {split: load_or_build(datasets[split], sizes[split], args.cache_dir, args.num_workers) for split in SPLITS}
+        cached = {split: load_or_build(dataset, sizes[split], args.cache_dir, args.num_workers) for split, dataset in datasets.items()}
         batches = (args.batch_size, device, IMAGENET_MEAN, IMAGENET_STD)
         return (
             CachedBatches(cached["train"], *batches, train_size=args.image_size, seed=args.seed),
             CachedBatches(cached["valid"], *batches),
-            CachedBatches(cached["test"], *batches),
         )
     train_loader = DataLoader(
         datasets["train"],
@@ -252,11 +250,10 @@ def make_loaders(args: argparse.Namespace, data_path: Path, device: torch.device
         persistent_workers=args.num_workers > 0,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    valid_loader, test_loader = (
-        DataLoader(datasets[split], args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")
-        for split in ("valid", "test")
+    valid_loader = DataLoader(
+        datasets["valid"], args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda"
     )
-    return train_loader, valid_loader, test_loader
+    return train_loader, valid_loader
 
 
 def resume_command(run_dir: Path) -> str:
@@ -270,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(args.seed)
     data_path = prepare_dataset(args.data_path, download=not args.no_download, skip_bad=args.skip_bad)
 
-    train_loader, valid_loader, test_loader = make_loaders(args, data_path, device)
+    train_loader, valid_loader = make_loaders(args, data_path, device)
     if len(train_loader) == 0:
         raise PetsegError(f"-b/--batch_size {args.batch_size} is larger than the {len(train_loader.dataset)} training images.")
 
@@ -373,6 +370,11 @@ def main(argv: list[str] | None = None) -> None:
                 finished_epoch = epoch
         checkpoint = ckpt.load_checkpoint(run_dir / ckpt.BEST_NAME)
         model.load_state_dict(checkpoint["model_state"])
+        # Decoded afresh, once, to also score each image at its own size; the same loader inference.py uses.
+        test_loader = eval_loader(
+            data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.batch_size, args.num_workers,
+            device, skip_bad=args.skip_bad, original_masks=True,
+        )
         test = evaluate(model, test_loader, device, amp=amp, loss_fn=loss_fn, desc="test")
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)

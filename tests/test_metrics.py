@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from evaluate import evaluate
+from evaluate import collate_with_original_masks, evaluate, format_result, predict_logits, resize_logits
 from utils import BCEDiceLoss, dice_score, logits_to_mask, per_image_dice
 
 
@@ -83,3 +83,54 @@ def test_loss_is_small_for_confident_right_answers_and_large_for_wrong_ones() ->
     right = loss(torch.where(target > 0, 10.0, -10.0), target)
     wrong = loss(torch.where(target > 0, -10.0, 10.0), target)
     assert right.item() < 1e-3 < 1.0 < wrong.item()
+
+
+def test_tta_is_the_mean_of_the_plain_and_the_mirrored_pass() -> None:
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 1, kernel_size=3, padding=1).eval()  # not mirror-symmetric, so the passes differ
+    images = torch.randn(2, 3, 8, 12)
+    with torch.no_grad():
+        plain = torch.sigmoid(model(images))
+        mirrored = torch.sigmoid(model(images.flip(-1))).flip(-1)
+        tta = predict_logits(model, images, tta=True)
+        assert not torch.allclose(plain, mirrored, atol=1e-3)
+        assert torch.allclose(torch.sigmoid(tta), (plain + mirrored) / 2, atol=1e-6)
+        assert torch.equal(predict_logits(model, images), model(images)), "without TTA the logits are the model's"
+        assert torch.allclose(predict_logits(model, images.flip(-1), tta=True), tta.flip(-1), atol=1e-5)
+
+
+def test_tta_of_confident_logits_stays_finite_and_thresholds_like_the_mean_probability() -> None:
+    logits = torch.tensor([[[[60.0, -60.0, 40.0, -30.0, 2.0]]]])  # mirrored: [2, -30, 40, -60, 60]
+    tta = predict_logits(FixedLogits(), logits, tta=True)
+    assert torch.isfinite(tta).all()
+    mean_probability = (torch.sigmoid(logits.double()) + torch.sigmoid(logits.double().flip(-1))) / 2
+    assert logits_to_mask(tta).tolist() == (mean_probability > 0.5).tolist()
+    assert tta[0, 0, 0, 2].item() == pytest.approx(40.0, abs=1e-4), "both passes at 40 give back 40"
+
+
+def test_original_size_scores_resize_the_logits_to_each_masks_own_size() -> None:
+    # 2x2 logits, pet on the left column; bilinear upsampling to 4 wide puts the edge between columns 1 and 2.
+    logits = torch.tensor([[[[5.0, -5.0], [5.0, -5.0]]]])
+    model_size_mask = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    original = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    original[:, :, 0] = 1  # only the first column is pet: |P| = 8, |G| = 4, overlap 4
+    small = torch.zeros(1, 1, 1, dtype=torch.uint8)  # a 1x1 photo of background; the prediction averages to 0
+    loader = DataLoader(
+        [(logits[0], model_size_mask[0], original), (logits[0], model_size_mask[0], small)],
+        batch_size=2,
+        collate_fn=collate_with_original_masks,
+    )
+    result = evaluate(FixedLogits(), loader, torch.device("cpu"))
+    assert result.dice == 1.0 and result.image_size == (2, 2)
+    assert [score.dice for score in result.per_image_original] == pytest.approx([2 * 4 / (8 + 4), 1.0])
+    assert result.dice_original == pytest.approx((2 / 3 + 1) / 2)
+    assert result.dataset_dice_original == pytest.approx(2 * 4 / (8 + 4))
+    assert (result.per_image_original[0].height, result.per_image_original[0].width) == (4, 4)
+    assert result.per_image_original[0].pet_pixels == 4 and result.per_image_original[0].predicted_pixels == 8
+    assert "Test Dice at original size: 0.8333" in format_result("test", result)
+
+
+def test_resize_logits_keeps_a_same_size_input_untouched() -> None:
+    logits = torch.randn(1, 1, 5, 7)
+    assert resize_logits(logits, (5, 7)) is logits
+    assert resize_logits(logits, (13, 3)).shape == (1, 1, 13, 3)

@@ -5,6 +5,7 @@ from torch import nn
 
 from models import MODEL_NAMES, ResNet34UNet, UNet, build_model
 from models.resnet34_unet import ResNet34Encoder
+from models.stats import count_flops, count_parameters
 
 # Exact count of the classic 64..1024 UNet with bias-free 3x3 convs + BN: any
 # change in widths, depth or layer types moves it by far more than zero.
@@ -85,3 +86,10 @@ def test_resnet34_unet_gradients_finite() -> None:
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
+
+
+def test_flop_count_is_two_per_multiply_add_and_needs_no_real_weights() -> None:
+    with torch.device("meta"):
+        conv = nn.Conv2d(3, 1, kernel_size=1, bias=False)
+        assert count_flops(conv, image_size=8) == 2 * 3 * 8 * 8
+    assert count_parameters(conv) == 3
