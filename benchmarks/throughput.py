@@ -94,6 +94,21 @@ def epoch(batches, device: torch.device) -> None:
     synchronize(device)
 
 
+@torch.no_grad()
+def inference_rate(model, images: torch.Tensor, device: torch.device, amp: bool, steps: int) -> float:
+    """img/s of eval-mode forward passes on one batch, after one warm-up."""
+    model.eval()
+
+    def run() -> None:
+        with autocast(device, amp):
+            for _ in range(steps):
+                model(images)
+        synchronize(device)
+
+    run()
+    return images_per_second(len(images) * steps, run)
+
+
 def repeat(batch: tuple[torch.Tensor, torch.Tensor]):
     while True:
         yield batch
@@ -170,18 +185,7 @@ def main() -> None:
             fed = training_rate(model, cycle(cached), device, amp, steps)
             rows.append((f"train {name}: compute only (one pre-loaded batch)", compute, ""))
             rows.append((f"train {name}: fed by the cached loader", fed, f"{fed / compute:.0%} of compute-only"))
-            model.eval()
-            images = next(iter(cached))[0]
-
-            @torch.no_grad()
-            def predict_batches() -> None:
-                with autocast(device, amp):
-                    for _ in range(steps):
-                        model(images)
-                synchronize(device)
-
-            predict_batches()  # warm-up
-            predict = images_per_second(len(images) * steps, predict_batches)
+            predict = inference_rate(model, next(iter(cached))[0], device, amp, steps)
             peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None
             rows.append((f"inference {name}" + (f" (peak GPU memory in training {peak:.1f} GiB)" if peak else ""), predict, ""))
             del model
