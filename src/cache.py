@@ -102,7 +102,9 @@ def load_or_build(
     n = len(dataset)
     images = np.empty((n, 3, size, size), dtype=np.uint8)
     masks = np.empty((n, 1, size, size), dtype=np.uint8)
-    loader = DataLoader(_Resized(dataset, size), batch_size=16, num_workers=num_workers)
+    # Its own generator: building must not draw from the global RNG, or a run's random stream
+    # (and so its weights) would depend on whether the cache already existed.
+    loader = DataLoader(_Resized(dataset, size), batch_size=16, num_workers=num_workers, generator=torch.Generator())
     start = 0
     for image_batch, mask_batch in tqdm(loader, desc=f"caching {dataset.split} at {size}px", unit="batch", dynamic_ncols=True):
         images[start : start + len(image_batch)] = image_batch.numpy()
@@ -163,8 +165,9 @@ class CachedBatches:
         order = torch.randperm(n, generator=self.generator) if self.train_size is not None else torch.arange(n)
         for batch in range(len(self)):
             index = order[batch * self.batch_size : (batch + 1) * self.batch_size].to(self.images.device)
-            images = self.images[index].to(self.device, non_blocking=True)
-            masks = self.masks[index].to(self.device, non_blocking=True)
+            # index_select copies whole images; plain indexing is several times slower on uint8.
+            images = self.images.index_select(0, index).to(self.device, non_blocking=True)
+            masks = self.masks.index_select(0, index).to(self.device, non_blocking=True)
             if self.train_size is not None:
                 yield augment_batch(images, masks, self.train_size, self.mean, self.std, self.generator)
             else:

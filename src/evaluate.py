@@ -211,6 +211,7 @@ def eval_loader(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=collate_with_original_masks if original_masks else None,
+        generator=torch.Generator(),  # evaluating must not draw from the global RNG
     )
 
 

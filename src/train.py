@@ -251,7 +251,11 @@ def make_loaders(args: argparse.Namespace, data_path: Path, device: torch.device
         generator=torch.Generator().manual_seed(args.seed),
     )
     valid_loader = DataLoader(
-        datasets["valid"], args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda"
+        datasets["valid"],
+        args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # evaluating must not draw from the global RNG that augmentation uses
     )
     return train_loader, valid_loader
 

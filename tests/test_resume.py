@@ -40,7 +40,8 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def test_interrupted_and_resumed_run_ends_bit_identical(
     synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    common = ["--data_path", str(synthetic_pets), "-e", "2", *FAST, "--save-dir", str(tmp_path)]
+    # A cache of its own: the first run builds it, the others load it, and that must not matter.
+    common = ["--data_path", str(synthetic_pets), "-e", "2", *FAST, "--save-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
     train.main([*common, "--run-name", "straight"])
 
     real_epoch = train.train_one_epoch
