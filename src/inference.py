@@ -162,11 +162,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        try:
-            return read_image(path)
-        except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for truncated or corrupt data
-            raise PetsegError(f"{path}: cannot decode the image ({error}). Outputs of earlier images were kept.") from error
+        return read_image(self.paths[index])  # a corrupt photo raises DatasetError naming it
 
 
 def write_png(image: torch.Tensor, path: Path) -> None:

@@ -15,6 +15,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -210,7 +211,7 @@ def train_one_epoch(
             logits = model(images)
         loss = loss_fn(logits, masks)
         loss_value = loss.item()
-        if not torch.isfinite(loss).item():
+        if not math.isfinite(loss_value):
             raise NonFiniteLoss(step, loss_value)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

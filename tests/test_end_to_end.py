@@ -223,7 +223,7 @@ def test_existing_outputs_are_refused_before_anything_is_written(trained: tuple[
     assert (output / "test_photo_overlay.png").read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.parametrize("case", ["not_an_image", "missing", "same_stem", "output_is_input"])
+@pytest.mark.parametrize("case", ["not_an_image", "missing", "same_stem", "output_is_input", "truncated"])
 def test_unusable_inputs_are_clear_errors(case: str, trained: tuple[Path, str], tmp_path: Path) -> None:
     run_dir, _ = trained
     source, output = tmp_path / "photos", tmp_path / "out"
@@ -234,6 +234,7 @@ def test_unusable_inputs_are_clear_errors(case: str, trained: tuple[Path, str], 
         "missing": "does not exist",
         "same_stem": "cat.jpg and cat.png",
         "output_is_input": "--output is the --input folder",
+        "truncated": "cat.jpg: cannot decode the image",
     }[case]
     if case == "not_an_image":
         (source / "notes.txt").write_text("hello")
@@ -244,9 +245,17 @@ def test_unusable_inputs_are_clear_errors(case: str, trained: tuple[Path, str], 
         Image.new("RGB", (40, 30)).save(source / "cat.png")
     elif case == "output_is_input":
         output = source
+    elif case == "truncated":  # a header Pillow recognises, with its image data cut off
+        noise = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(source / "cat.jpg")
+        data = (source / "cat.jpg").read_bytes()
+        (source / "cat.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(PetsegError, match=expected):
         predict_own(run_dir, source, output)
-    assert not (tmp_path / "out").exists()
+    if case == "truncated":
+        assert not any((tmp_path / "out").glob("*.png")), "nothing is written for a photo that cannot be read"
+    else:
+        assert not (tmp_path / "out").exists()
 
 
 def test_tta_on_the_test_split_is_labelled_and_saved_apart(
