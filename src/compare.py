@@ -20,7 +20,7 @@ import torch
 import checkpoint as ckpt
 from models import build_model
 from models.stats import count_flops, count_parameters
-from plots import plot_comparison
+from plots import plot_learning_curves
 from utils import PetsegError, run_script, unused_path
 
 NEEDED_FILES = ("history.csv", "results.json")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     runs = [load_run(folder) for folder in args.runs]
     figure = unused_path(args.output or args.runs[0].resolve().parent / "comparison.png")
-    plot_comparison(
+    plot_learning_curves(
         [(run.label, run.history) for run in runs],
         figure,
         title="train (dashed) and valid (solid) per epoch",

@@ -34,25 +34,6 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_history(history: Sequence[dict], path: Path, title: str = "") -> None:
-    """Loss and Dice per epoch, train against valid."""
-    epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for ax, metric in ((ax_loss, "loss"), (ax_dice, "dice")):
-        ax.plot(epochs, [row[f"train_{metric}"] for row in history], label="train")
-        ax.plot(epochs, [row[f"valid_{metric}"] for row in history], label="valid")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("BCE + soft Dice loss" if metric == "loss" else "Dice (mean per image)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    best = max(history, key=lambda row: row["valid_dice"])
-    ax_dice.axvline(best["epoch"], color="gray", linestyle=":")
-    ax_dice.set_title(f"best valid Dice {best['valid_dice']:.4f} at epoch {best['epoch']}")
-    fig.suptitle(title)
-    _save(fig, path)
-
-
 @dataclass
 class Case:
     """One image of plot_cases: the photo and both masks at the same (H, W), and a caption."""
@@ -97,9 +78,9 @@ def plot_cases(sections: Sequence[tuple[str, Sequence[Case]]], path: Path, title
     _save(fig, path)
 
 
-def plot_comparison(runs: Sequence[tuple[str, Sequence[dict]]], path: Path, title: str = "") -> None:
-    """Train and valid Dice and loss per epoch of several runs on shared axes: one colour per run,
-    valid solid, train dashed, each run's best valid epoch marked."""
+def plot_learning_curves(runs: Sequence[tuple[str, Sequence[dict]]], path: Path, title: str = "") -> None:
+    """Train and valid Dice and loss per epoch of one or more runs on shared axes: one colour per run,
+    valid solid, train dashed, each run's best valid epoch marked (train.py's curves.png, compare.py's figure)."""
     fig, (ax_dice, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     for index, (label, history) in enumerate(runs):
         color = f"C{index}"

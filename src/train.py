@@ -39,7 +39,7 @@ from oxford_pet import (
     load_dataset,
     prepare_dataset,
 )
-from plots import plot_history
+from plots import plot_learning_curves
 from utils import (
     REPO_ROOT,
     BCEDiceLoss,
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             with sigint_deferred():
                 write_history(history, run_dir / "history.csv")
-                plot_history(history, run_dir / "curves.png", title=f"{args.network} - {run_dir.name}")
+                plot_learning_curves([(run_dir.name, history)], run_dir / "curves.png", title=f"{args.network}: train (dashed) and valid (solid)")
                 # best before last: a crash between the two resumes from the older last.pt, which redoes this epoch.
                 if improved:
                     ckpt.save_checkpoint(run_dir / ckpt.BEST_NAME, **checkpoint_contents(epoch, valid.dice))
