@@ -1,6 +1,5 @@
 """Print parameter counts and measured FLOPs of every registered model as a markdown table."""
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -8,13 +7,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from cli import argument_parser  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
 from models.stats import count_flops, count_parameters  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--image-size", type=int, default=256, help="square input side in pixels")
+    parser = argument_parser(__doc__)
+    parser.add_argument("--image-size", type=int, default=256, help="side of the square input image, in pixels")
     args = parser.parse_args()
 
     print(f"Input: 1x3x{args.image_size}x{args.image_size}; FLOPs from FlopCounterMode (2 per MAC).\n")

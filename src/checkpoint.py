@@ -17,6 +17,10 @@ FORMAT_VERSION = 1
 BEST_NAME = "best.pt"
 LAST_NAME = "last.pt"  # the end of the latest epoch, with everything --resume needs
 REQUIRED_KEYS = ("network", "model_kwargs", "model_state", "image_size", "mean", "std", "epoch", "valid_dice")
+# How torch.save's files start: a zip archive, or (the legacy format) a pickle's PROTO opcode.
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = b"\x80"
+FILE_KINDS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF"}
 
 
 class CheckpointError(PetsegError):
@@ -42,14 +46,36 @@ def resolve_checkpoint_path(path: Path, name_in_folder: str = BEST_NAME) -> Path
     return path
 
 
+def describe_file_start(head: bytes) -> str:
+    """What a file that is no torch file seems to be, from its first bytes."""
+    if not head:
+        return "empty"
+    for magic, kind in FILE_KINDS.items():
+        if head.startswith(magic):
+            return kind
+    if all(byte in b"\t\n\r" or 32 <= byte < 127 for byte in head):
+        return "a text file"
+    return "a file of another kind"
+
+
 def load_checkpoint(path: Path, name_in_folder: str = BEST_NAME) -> dict[str, Any]:
     """Load and validate a checkpoint; never unpickles anything but tensors and plain types."""
     path = resolve_checkpoint_path(path, name_in_folder)
+    with open(path, "rb") as file:
+        head = file.read(8)
+    # torch.load's weights_only error would misreport any other file as one holding code.
+    if not head.startswith((ZIP_MAGIC, PICKLE_PROTO)):
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint: it is {describe_file_start(head)}, not a torch .pt file. Pass a "
+            f"checkpoint that train.py wrote (saved_models/RUN/{BEST_NAME} or {LAST_NAME}), or its run folder."
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "weights_only" not in str(error).replace(" ", "_").lower():
-            raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not a torch file): {error}") from error
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint (truncated, or not a torch file): {error}"
+            ) from error
         raise CheckpointError(
             f"{path} is refused: it holds objects other than tensors and plain types, and loading those could "
             "run code. Only load checkpoints written by petseg's train.py, from people you trust."
@@ -57,7 +83,8 @@ def load_checkpoint(path: Path, name_in_folder: str = BEST_NAME) -> dict[str, An
     except Exception as error:  # noqa: BLE001 - torch raises RuntimeError, KeyError, EOFError... for damaged files
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated, or not a torch file): {type(error).__name__}: {first_line}"
+            f"{path} is not a readable checkpoint (truncated, or not a torch file): "
+            f"{type(error).__name__}: {first_line}"
         ) from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a torch file but not a petseg checkpoint (no '{FORMAT}' marker).")

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt
+from cli import argument_parser
 from models import build_model
 from models.stats import count_flops, count_parameters
 from plots import plot_learning_curves
-from utils import PetsegError, run_script, unused_path
+from utils import PetsegError, display_path, run_script, unused_path
 
 NEEDED_FILES = ("history.csv", "results.json")
 
@@ -101,7 +102,8 @@ def markdown_table(runs: list[Run]) -> str:
         original = f"{test['dice_original']:.4f}" if "dice_original" in test else "n/a"
         seconds = sum(row["seconds"] for row in run.history) / len(run.history)
         lines.append(
-            f"| {run.folder.name} | {run.network} | {run.image_size}×{run.image_size} | {test['dice']:.4f} | {original} "
+            f"| {run.folder.name} | {run.network} | {run.image_size}×{run.image_size} | {test['dice']:.4f} "
+            f"| {original} "
             f"| {run.parameters / 1e6:.2f} | {run.forward_flops / 1e9:.2f} | {len(run.history)} | {seconds:.1f} "
             f"| {run.results['best_epoch']} |"
         )
@@ -109,14 +111,17 @@ def markdown_table(runs: list[Run]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Compare training runs: Dice and loss per epoch on shared axes, and a markdown table of test "
-        "Dice, size, compute and time.",
+    parser = argument_parser(
+        "Compare training runs: Dice and loss per epoch on shared axes, and a markdown table of test Dice, size, "
+        "compute and time."
     )
-    parser.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="two or more run folders written by train.py")
+    parser.add_argument(
+        "runs", type=Path, nargs="+", metavar="RUN_DIR", help="two or more finished run folders written by train.py"
+    )
     parser.add_argument(
         "-o", "--output", type=Path, default=None,
-        help="the figure's PNG (default: comparison.png beside the first run's folder; an existing file is never overwritten)",
+        help="the figure's PNG (default: comparison.png beside the first run's folder; an existing file is never "
+        "overwritten)",
     )
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         "GFLOPs: one forward pass of one image at the run's image size (2 FLOPs per multiply-add). s/epoch: training "
         "and validation."
     )
-    print(f"\nWrote {figure}")
+    print(f"\nWrote {display_path(figure)}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
     python src/inference.py -m saved_models/RUN                                   # the test split
     (a run folder means its best.pt; add --tta for horizontal-flip test-time augmentation)
 
-With --input (a file, or a folder of images) each photo, whatever its size and mode, is predicted
-at the checkpoint's image size and the logits are resized back to the photo's own size before
-thresholding: NAME_mask.png (0 or 255, the photo's size) and NAME_overlay.png go to --output.
+With --input (a file, or a folder of images) each photo, whatever its size and mode, is turned
+upright as its EXIF orientation says (as photo viewers do), predicted at the checkpoint's image
+size, and the logits are resized back to the photo's own size before thresholding:
+NAME_mask.png (0 or 255, the upright photo's size) and NAME_overlay.png go to --output.
 Without --input it prints the `Test Dice:` lines train.py printed for that checkpoint, plus the
 Dice at each image's own size, and writes beside the checkpoint test_dice.csv (one row per test
 image) and test_predictions.png (random and worst test images, errors coloured).
@@ -29,6 +30,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from checkpoint import resolve_checkpoint_path
+from cli import argument_parser
 from evaluate import (
     EvalResult,
     add_eval_args,
@@ -41,7 +43,7 @@ from evaluate import (
 )
 from oxford_pet import OxfordPetSegmentation, build_transform, prepare_dataset, read_image
 from plots import Case, plot_cases, prediction_overlay
-from utils import PetsegError, atomic_write, logits_to_mask, run_script, unused_path
+from utils import PetsegError, atomic_write, display_path, logits_to_mask, run_script, unused_path
 
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.png"
 
@@ -55,15 +57,19 @@ def count(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Predict pet masks on your own images (--input), or score a petseg checkpoint on the "
-        "test split and draw its predictions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argument_parser(
+        "Predict pet masks on your own images (--input), or score a petseg checkpoint on the test split and draw "
+        "its predictions."
     )
     add_eval_args(parser)
     own = parser.add_argument_group("your own images")
-    own.add_argument("--input", type=Path, default=None, help="an image file, or a folder of them (not searched recursively); no dataset needed")
-    own.add_argument("--output", type=Path, default=None, help="folder for NAME_mask.png and NAME_overlay.png (created if missing)")
+    own.add_argument(
+        "--input", type=Path, default=None,
+        help="an image file, or a folder of them (not searched recursively); no dataset needed",
+    )
+    own.add_argument(
+        "--output", type=Path, default=None, help="folder for NAME_mask.png and NAME_overlay.png (created if missing)"
+    )
     own.add_argument("--overwrite", action="store_true", help="replace outputs already in --output instead of refusing")
     test = parser.add_argument_group("test split")
     test.add_argument("-k", "--num-images", type=count, default=4, help="random test images shown in the figure")
@@ -71,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     test.add_argument("--seed", type=int, default=0, help="which random test images the figure shows")
     test.add_argument(
         "--figure", type=Path, default=None,
-        help="where to write the PNG (default: test_predictions.png beside the checkpoint; an existing file is never overwritten)",
+        help="where to write the PNG (default: test_predictions.png beside the checkpoint; an existing file is never "
+        "overwritten)",
     )
     args = parser.parse_args(argv)
     if (args.input is None) != (args.output is None):
@@ -88,7 +95,10 @@ def predict_masks(
     """Bool masks (H, W), each at its photo's own size, of uint8 photos (3, H, W) of any sizes."""
     batch = torch.stack([transform(tv_tensors.Image(image)).as_subclass(torch.Tensor) for image in images])
     logits = predict_logits(model, batch.to(device), amp, tta)
-    return [logits_to_mask(resize_logits(logit[None], image.shape[-2:]))[0, 0].cpu() for logit, image in zip(logits, images)]
+    return [
+        logits_to_mask(resize_logits(logit[None], image.shape[-2:]))[0, 0].cpu()
+        for logit, image in zip(logits, images, strict=True)
+    ]
 
 
 # ----------------------------------------------------------------------------- your own images
@@ -104,7 +114,7 @@ def is_image(path: Path) -> bool:
 
 
 def find_images(input_path: Path, output_dir: Path) -> list[Path]:
-    """The images to predict: the file itself, or a folder's image files in name order (others skipped, with a warning)."""
+    """The images to predict: the file itself, or a folder's image files in name order (others skipped, warned of)."""
     if not input_path.exists():
         raise PetsegError(f"--input {input_path} does not exist.")
     if input_path.is_file():
@@ -120,7 +130,10 @@ def find_images(input_path: Path, output_dir: Path) -> list[Path]:
     images = [path for path in files if is_image(path)]
     skipped = [path.name for path in files if path not in images]
     if skipped:
-        print(f"warning: skipping {len(skipped)} file(s) in {input_path} that are not images: {', '.join(skipped)}", file=sys.stderr)
+        print(
+            f"warning: skipping {len(skipped)} file(s) in {input_path} that are not images: {', '.join(skipped)}",
+            file=sys.stderr,
+        )
     if not images:
         raise PetsegError(f"--input {input_path} holds no image file that Pillow can read (JPEG, PNG, ...).")
     return images
@@ -136,7 +149,9 @@ def output_paths(images: list[Path], output_dir: Path) -> list[tuple[Path, Path]
                 "rename one of them."
             )
         owners[image.stem] = image
-    return [(output_dir / f"{image.stem}{MASK_SUFFIX}", output_dir / f"{image.stem}{OVERLAY_SUFFIX}") for image in images]
+    return [
+        (output_dir / f"{image.stem}{MASK_SUFFIX}", output_dir / f"{image.stem}{OVERLAY_SUFFIX}") for image in images
+    ]
 
 
 def check_outputs_are_free(paths: list[tuple[Path, Path]], output_dir: Path, overwrite: bool) -> None:
@@ -162,7 +177,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return read_image(self.paths[index])  # a corrupt photo raises DatasetError naming it
+        return read_image(self.paths[index], exif_orientation=True)  # a corrupt photo raises DatasetError naming it
 
 
 def write_png(image: torch.Tensor, path: Path) -> None:
@@ -188,11 +203,16 @@ def predict_files(args: argparse.Namespace) -> None:
     pending = iter(paths)
     with tqdm(total=len(images), unit="img", desc="predicting", dynamic_ncols=True) as progress:
         for batch in loader:
-            for image, mask, (mask_path, overlay_path) in zip(batch, predict_masks(model, batch, transform, device, amp, args.tta), pending):
+            masks = predict_masks(model, batch, transform, device, amp, args.tta)
+            # pending holds the paths of later batches too
+            for image, mask, (mask_path, overlay_path) in zip(batch, masks, pending, strict=False):
                 write_png(mask[None].to(torch.uint8) * 255, mask_path)
                 write_png(prediction_overlay(image, mask), overlay_path)
             progress.update(len(batch))
-    print(f"Wrote {len(images)} mask(s) (*{MASK_SUFFIX}, 0 or 255) and overlay(s) (*{OVERLAY_SUFFIX}) to {args.output}")
+    print(
+        f"Wrote {len(images)} mask(s) (*{MASK_SUFFIX}, 0 or 255) and overlay(s) (*{OVERLAY_SUFFIX}) to "
+        f"{display_path(args.output)}"
+    )
 
 
 # ----------------------------------------------------------------------------- the test split
@@ -203,9 +223,12 @@ def write_per_image_csv(names: list[str], result: EvalResult, path: Path) -> Non
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["name", "width", "height", "dice", "dice_original", "pet_pixels", "predicted_pixels"])
-    for name, dice, original in zip(names, result.per_image_dice, result.per_image_original):
+    for name, dice, original in zip(names, result.per_image_dice, result.per_image_original, strict=True):
         writer.writerow(
-            [name, original.width, original.height, f"{dice:.6f}", f"{original.dice:.6f}", original.pet_pixels, original.predicted_pixels]
+            [
+                name, original.width, original.height, f"{dice:.6f}", f"{original.dice:.6f}", original.pet_pixels,
+                original.predicted_pixels,
+            ]
         )
     with atomic_write(path, "w") as file:
         file.write(text.getvalue())
@@ -243,7 +266,7 @@ def figure_cases(
             f"{dataset.names[i]}\nDice {result.per_image_dice[i]:.3f} at {size}, "
             f"{result.per_image_original[i].dice:.3f} full size",
         )
-        for i, (photo, truth), prediction in zip(indexes, pairs, predictions)
+        for i, (photo, truth), prediction in zip(indexes, pairs, predictions, strict=True)
     ]
 
 
@@ -268,7 +291,7 @@ def score_test_split(args: argparse.Namespace) -> None:
     dices = [score.dice for score in result.per_image_original]
     random_picks, worst = pick_cases(dices, args.num_images, args.worst, args.seed)
     if not random_picks and not worst:
-        print(f"Wrote {table} (Dice of each test image)")
+        print(f"Wrote {display_path(table)} (Dice of each test image)")
         return
     figure = unused_path(args.figure or run_dir / f"test_predictions{tag}.png")
     size = "×".join(map(str, result.image_size))
@@ -283,7 +306,7 @@ def score_test_split(args: argparse.Namespace) -> None:
         title=f"{checkpoint['network']}: test Dice {result.dice:.4f} at {size}, {result.dice_original:.4f} at full size"
         f"{', horizontal-flip TTA' if args.tta else ''}",
     )
-    print(f"Wrote {table} (Dice of each test image) and {figure}")
+    print(f"Wrote {display_path(table)} (Dice of each test image) and {display_path(figure)}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,12 @@ from torchvision.utils import draw_segmentation_masks  # noqa: E402
 
 from utils import atomic_write  # noqa: E402
 
-PREDICTION_COLOR = "#f97316"
+# Cyan is no fur colour, so the tint shows on orange, brown, cream, white and black pets alike; the
+# outline is two lines, dark outside and bright inside, so one of them stands out on any fur.
+PREDICTION_COLOR = "#00e5ff"
+OUTLINE_COLORS = ("#000000", PREDICTION_COLOR)
+MAX_COLUMNS = 6  # overlays per row of plot_cases; more would shrink them below readable
+VALID_MARKER, TRAIN_MARKER, BEST_MARKER = "o", "s", "*"  # train's squares are drawn hollow
 # Okabe-Ito colours: told apart with every common kind of colour blindness.
 ERROR_COLORS = {
     "pet, found (true positive)": "#009E73",
@@ -50,26 +56,34 @@ def error_overlay(image: torch.Tensor, truth: torch.Tensor, prediction: torch.Te
     return draw_segmentation_masks(image, regions, alpha=0.6, colors=list(ERROR_COLORS.values()))
 
 
+def _erode(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """The bool mask (H, W) less `width` pixels all round its edge."""
+    return -F.max_pool2d(-mask[None, None].float(), 2 * width + 1, stride=1, padding=width)[0, 0] > 0
+
+
 def prediction_overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The photo (uint8 (3, H, W)) with the predicted pet tinted and outlined, for users' own images."""
-    # The outline keeps the mask's edge readable where the tint blends into a similarly coloured pet.
+    # The outline keeps the mask's edge readable where the tint blends into the pet; it lies inside the mask.
     width = max(1, round(min(mask.shape) / 150))
-    kernel = 2 * width + 1
-    eroded = -F.max_pool2d(-mask[None, None].float(), kernel, stride=1, padding=width)[0, 0] > 0
+    inner, innermost = _erode(mask, width), _erode(mask, 2 * width)
     tinted = draw_segmentation_masks(image, mask, alpha=0.4, colors=PREDICTION_COLOR)
-    return draw_segmentation_masks(tinted, mask & ~eroded, alpha=1.0, colors=PREDICTION_COLOR)
+    outline = torch.stack([mask & ~inner, inner & ~innermost])
+    return draw_segmentation_masks(tinted, outline, alpha=1.0, colors=list(OUTLINE_COLORS))
 
 
 def plot_cases(sections: Sequence[tuple[str, Sequence[Case]]], path: Path, title: str = "") -> None:
-    """One row of overlays per section (e.g. random images, then the worst ones), errors coloured."""
+    """Each section (e.g. random images, then the worst ones) as rows of up to MAX_COLUMNS overlays, errors coloured."""
     sections = [(heading, cases) for heading, cases in sections if cases]
-    columns = max(len(cases) for _, cases in sections)
-    fig = plt.figure(figsize=(2.4 * columns, 2.6 * len(sections) + 0.8), layout="constrained")
-    for subfig, (heading, cases) in zip(fig.subfigures(len(sections), 1, squeeze=False)[:, 0], sections):
+    columns = min(MAX_COLUMNS, max(len(cases) for _, cases in sections))
+    rows = [math.ceil(len(cases) / columns) for _, cases in sections]
+    fig = plt.figure(figsize=(2.4 * columns, 2.6 * sum(rows) + 0.8), layout="constrained")
+    subfigs = fig.subfigures(len(sections), 1, squeeze=False, height_ratios=rows)[:, 0]
+    for subfig, section_rows, (heading, cases) in zip(subfigs, rows, sections, strict=True):
         subfig.suptitle(heading, fontsize=10)
-        for ax, case in zip(subfig.subplots(1, columns, squeeze=False)[0], [*cases, *[None] * columns]):
+        for index, ax in enumerate(subfig.subplots(section_rows, columns, squeeze=False).flat):
             ax.axis("off")
-            if case is not None:
+            if index < len(cases):
+                case = cases[index]
                 ax.imshow(error_overlay(case.image, case.truth, case.prediction).permute(1, 2, 0).numpy())
                 ax.set_title(case.caption, fontsize=8)
     legend = [Patch(color=color, label=label) for label, color in ERROR_COLORS.items()]
@@ -78,35 +92,50 @@ def plot_cases(sections: Sequence[tuple[str, Sequence[Case]]], path: Path, title
     _save(fig, path)
 
 
-def plot_learning_curves(runs: Sequence[tuple[str, Sequence[dict]]], path: Path, title: str = "") -> None:
+def learning_curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], title: str = "") -> plt.Figure:
     """Train and valid Dice and loss per epoch of one or more runs on shared axes: one colour per run,
-    valid solid, train dashed, each run's best valid epoch marked (train.py's curves.png, compare.py's figure)."""
+    valid solid with dots, train dashed with hollow squares, each run's best valid epoch starred."""
     fig, (ax_dice, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
-    for index, (label, history) in enumerate(runs):
+    # A short run's points would otherwise hide in its lines (and a 1-epoch run is nothing but points).
+    short = [len(history) < 30 for _, history in runs]
+    for index, ((label, history), points) in enumerate(zip(runs, short, strict=True)):
         color = f"C{index}"
         epochs = [row["epoch"] for row in history]
-        marker = "." if len(epochs) < 30 else None  # a short run's points would otherwise hide in its lines
+        valid_marker, train_marker = (VALID_MARKER, TRAIN_MARKER) if points else (None, None)
         for ax, metric in ((ax_dice, "dice"), (ax_loss, "loss")):
-            ax.plot(epochs, [row[f"valid_{metric}"] for row in history], color=color, marker=marker, label=label)
-            ax.plot(epochs, [row[f"train_{metric}"] for row in history], color=color, marker=marker, linestyle="--")
+            valid = [row[f"valid_{metric}"] for row in history]
+            train = [row[f"train_{metric}"] for row in history]
+            ax.plot(epochs, valid, color=color, marker=valid_marker, label=label)
+            ax.plot(epochs, train, color=color, marker=train_marker, markerfacecolor="none", linestyle="--")
         best = max(history, key=lambda row: row["valid_dice"])
-        ax_dice.plot(best["epoch"], best["valid_dice"], marker="o", color=color, markersize=7)
+        ax_dice.plot(best["epoch"], best["valid_dice"], marker=BEST_MARKER, linestyle="", color=color, markersize=12)
     ax_dice.set_title("Dice")
     ax_dice.set_ylabel("Dice (mean per image)")
     ax_loss.set_title("loss")
     # Early losses are many times the late ones; a log scale keeps the end of training readable.
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("BCE + soft Dice loss (log scale)")
+    # Half an epoch of room each side: a 1-epoch run gets the axis 0.5..1.5, not matplotlib's 0.945..1.055.
+    first = min(row["epoch"] for _, history in runs for row in history)
+    last = max(row["epoch"] for _, history in runs for row in history)
     for ax in (ax_dice, ax_loss):
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(first - 0.5, last + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
+    valid_marker, train_marker = (VALID_MARKER, TRAIN_MARKER) if any(short) else (None, None)
+    best_label = "best valid epoch (its best.pt)"
     key = [
-        Line2D([], [], color="gray", label="valid"),
-        Line2D([], [], color="gray", linestyle="--", label="train"),
-        Line2D([], [], color="gray", marker="o", linestyle="", label="best valid epoch (its best.pt)"),
+        Line2D([], [], color="gray", marker=valid_marker, label="valid"),
+        Line2D([], [], color="gray", marker=train_marker, markerfacecolor="none", linestyle="--", label="train"),
+        Line2D([], [], color="gray", marker=BEST_MARKER, linestyle="", markersize=12, label=best_label),
     ]
     ax_dice.legend(handles=[*ax_dice.get_legend_handles_labels()[0], *key], fontsize=8)
     ax_loss.legend(handles=key[:2], fontsize=8)
     fig.suptitle(title)
-    _save(fig, path)
+    return fig
+
+
+def plot_learning_curves(runs: Sequence[tuple[str, Sequence[dict]]], path: Path, title: str = "") -> None:
+    """learning_curves_figure saved as a PNG (train.py's curves.png, compare.py's figure)."""
+    _save(learning_curves_figure(runs, title), path)

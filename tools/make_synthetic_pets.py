@@ -21,13 +21,17 @@ CLI: python tools/make_synthetic_pets.py OUT_DIR [--n-trainval N] [--n-test N] [
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cli import argument_parser  # noqa: E402
 
 # The official 37 breeds in class-id order: (name, species, breed id within species).
 # Cats (species 1) are Capitalised, dogs (species 2) lowercase, as in the real file names.
@@ -250,17 +254,20 @@ def image_modes(root: Path | str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Write a synthetic dataset in the Oxford-IIIT Pet layout.")
-    parser.add_argument("out_dir", type=Path, help="missing or empty folder to write into")
-    parser.add_argument("--n-trainval", type=int, default=40, help="images in trainval.txt")
-    parser.add_argument("--n-test", type=int, default=20, help="images in test.txt")
+    parser = argument_parser("Write a synthetic dataset in the Oxford-IIIT Pet layout, for tests and benchmarks.")
+    parser.add_argument("out_dir", type=Path,
+                        help="missing or empty folder to write into; pass it to the scripts as --data_path")
+    parser.add_argument("--n-trainval", type=int, default=40,
+                        help="images in annotations/trainval.txt (train.py keeps every tenth for valid)")
+    parser.add_argument("--n-test", type=int, default=20, help="images in annotations/test.txt")
     parser.add_argument("--real-sizes", action="store_true",
                         help=f"sizes around {REAL_IMAGE_SIZE[0]}x{REAL_IMAGE_SIZE[1]} like the real "
-                             "data, instead of small ones")
-    parser.add_argument("--seed", type=int, default=0)
+                             f"data, instead of around {SMALL_IMAGE_SIZE[0]}x{SMALL_IMAGE_SIZE[1]}")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed: the same seed and flags write the same files")
     parser.add_argument("--no-quirks", dest="quirks", action="store_false",
-                        help="make every image an RGB JPEG")
+                        help="make every image an RGB JPEG, instead of starting each split with gray, RGBA, "
+                             "CMYK and palette images as the real data has")
     args = parser.parse_args(argv)
     try:
         root = make_synthetic_pets(args.out_dir, args.n_trainval, args.n_test,
