@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import E2E_EPOCHS, E2E_FLAGS, run_script
 from PIL import Image
 
 import compare
@@ -18,6 +17,7 @@ import evaluate
 import inference
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import E2E_EPOCHS, E2E_FLAGS, run_script
 from evaluate import SplitWithOriginalMasks, predict_logits, resize_logits
 from oxford_pet import build_transform, image_path, load_dataset
 from utils import PetsegError, logits_to_mask
@@ -60,7 +60,9 @@ def test_run_folder_holds_checkpoint_history_curves_and_results(trained: tuple[P
     assert results["best_epoch"] == checkpoint["epoch"]
 
 
-def test_inference_reproduces_the_test_dice_of_training(trained: tuple[Path, str], synthetic_pets: Path, tmp_path: Path) -> None:
+def test_inference_reproduces_the_test_dice_of_training(
+    trained: tuple[Path, str], synthetic_pets: Path, tmp_path: Path
+) -> None:
     run_dir, train_stdout = trained
     result = run_script(
         "inference.py", "-m", run_dir / "best.pt", "--data_path", synthetic_pets, "--device", "cpu",
@@ -77,7 +79,9 @@ def test_inference_reproduces_the_test_dice_of_training(trained: tuple[Path, str
         rows = list(csv.DictReader(file))
     assert len(rows) == 20
     assert np.mean([float(row["dice"]) for row in rows]) == pytest.approx(results["test"]["dice"], abs=1e-5)
-    assert np.mean([float(row["dice_original"]) for row in rows]) == pytest.approx(results["test"]["dice_original"], abs=1e-5)
+    assert np.mean([float(row["dice_original"]) for row in rows]) == pytest.approx(
+        results["test"]["dice_original"], abs=1e-5
+    )
     first = rows[0]
     with Image.open(image_path(synthetic_pets, first["name"])) as photo:
         assert (int(first["width"]), int(first["height"])) == photo.size
@@ -88,7 +92,9 @@ def test_inference_reproduces_the_test_dice_of_training(trained: tuple[Path, str
     assert (run_dir / "test_dice-2.csv").is_file(), "a second table must not overwrite the first"
 
 
-def test_inference_refuses_a_network_that_disagrees_with_the_checkpoint(trained: tuple[Path, str], synthetic_pets: Path, tmp_path: Path) -> None:
+def test_inference_refuses_a_network_that_disagrees_with_the_checkpoint(
+    trained: tuple[Path, str], synthetic_pets: Path, tmp_path: Path
+) -> None:
     run_dir, _ = trained
     result = run_script("inference.py", "-m", run_dir, "-n", "unet", "--data_path", synthetic_pets, cwd=tmp_path)
     assert result.returncode == 1
@@ -96,7 +102,9 @@ def test_inference_refuses_a_network_that_disagrees_with_the_checkpoint(trained:
     assert "Traceback" not in result.stderr
 
 
-def test_evaluate_script_scores_the_checkpoint_like_training(trained: tuple[Path, str], synthetic_pets: Path, tmp_path: Path) -> None:
+def test_evaluate_script_scores_the_checkpoint_like_training(
+    trained: tuple[Path, str], synthetic_pets: Path, tmp_path: Path
+) -> None:
     run_dir, train_stdout = trained
     result = run_script(
         "evaluate.py", "-m", run_dir, "--data_path", synthetic_pets, "--split", "test", "--device", "cpu", cwd=tmp_path
@@ -106,7 +114,9 @@ def test_evaluate_script_scores_the_checkpoint_like_training(trained: tuple[Path
 
 
 @pytest.fixture(scope="module")
-def second_run(trained: tuple[Path, str], synthetic_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+def second_run(
+    trained: tuple[Path, str], synthetic_pets: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, bytes]:
     """A one-epoch run given the first run's name; returns its folder and the first run's best.pt from before it."""
     run_dir, _ = trained
     before = (run_dir / "best.pt").read_bytes()
@@ -119,7 +129,9 @@ def second_run(trained: tuple[Path, str], synthetic_pets: Path, tmp_path_factory
     return run_dir.parent / "e2e-2", before
 
 
-def test_a_second_run_with_the_same_name_gets_its_own_folder(trained: tuple[Path, str], second_run: tuple[Path, bytes]) -> None:
+def test_a_second_run_with_the_same_name_gets_its_own_folder(
+    trained: tuple[Path, str], second_run: tuple[Path, bytes]
+) -> None:
     run_dir, _ = trained
     second_dir, before = second_run
     assert second_dir.name == "e2e-2" and (second_dir / "best.pt").is_file()
@@ -207,7 +219,9 @@ def test_own_images_of_any_size_and_mode_get_masks_and_overlays_of_their_own_siz
     assert expected.any() and not expected.all()
 
 
-def test_existing_outputs_are_refused_before_anything_is_written(trained: tuple[Path, str], synthetic_pets: Path, tmp_path: Path) -> None:
+def test_existing_outputs_are_refused_before_anything_is_written(
+    trained: tuple[Path, str], synthetic_pets: Path, tmp_path: Path
+) -> None:
     run_dir, _ = trained
     photos, output = tmp_path / "photos", tmp_path / "out"
     sizes = write_odd_images(photos, synthetic_pets)

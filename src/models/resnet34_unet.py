@@ -105,14 +105,14 @@ class ResNet34UNet(nn.Module):
         in_widths = (enc[4], *decoder_channels[:-1])
         self.decoder = nn.ModuleList(
             DecoderBlock(c_in, c_skip, c_out)
-            for c_in, c_skip, c_out in zip(in_widths, skip_channels, decoder_channels)
+            for c_in, c_skip, c_out in zip(in_widths, skip_channels, decoder_channels, strict=True)
         )
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, kernel_size=1)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         *skips, y = self.encoder(x)
-        for block, skip in zip(self.decoder[:-1], reversed(skips)):
+        for block, skip in zip(self.decoder[:-1], reversed(skips), strict=True):
             y = block(y, skip.shape[-2:], skip)
         y = self.decoder[-1](y, x.shape[-2:])
         return self.head(y)

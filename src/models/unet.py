@@ -62,10 +62,10 @@ class UNet(nn.Module):
         self.inc = DoubleConv(in_channels, widths[0])
         self.downs = nn.ModuleList(
             nn.Sequential(nn.MaxPool2d(2), DoubleConv(c_in, c_out))
-            for c_in, c_out in zip(widths[:-1], widths[1:])
+            for c_in, c_out in zip(widths[:-1], widths[1:], strict=True)
         )
         self.ups = nn.ModuleList(
-            Up(c_in, c_out) for c_in, c_out in zip(widths[:0:-1], widths[-2::-1])
+            Up(c_in, c_out) for c_in, c_out in zip(widths[:0:-1], widths[-2::-1], strict=True)
         )
         self.head = nn.Conv2d(widths[0], out_channels, kernel_size=1)
         init_weights(self)
