@@ -15,7 +15,6 @@ docs/BENCHMARKS.md (--no-record to skip). Measures:
 
 from __future__ import annotations
 
-import argparse
 import resource
 import sys
 import tempfile
@@ -30,7 +29,9 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools")]
 
-from cache import CachedBatches, load_or_build  # noqa: E402
+from batches import EvalBatches, TrainBatches  # noqa: E402
+from cache import load_or_build  # noqa: E402
+from cli import argument_parser  # noqa: E402
 from make_synthetic_pets import REAL_IMAGE_SIZE, make_synthetic_pets  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
 from oxford_pet import (  # noqa: E402
@@ -129,14 +130,28 @@ def cycle(batches):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-path", "--data_path", type=Path, default=None, help="a dataset in the official layout; default: synthetic photos of real sizes")
-    parser.add_argument("--n-images", type=int, default=200, help="synthetic training photos (the official train split has 3312)")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    parser.add_argument("-b", "--batch-size", type=int, default=None, help="default: 32 on CUDA, 4 elsewhere")
-    parser.add_argument("--steps", type=int, default=None, help="timed training steps per model; default: 30 on CUDA, 2 elsewhere")
-    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
+    parser = argument_parser(__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data-path", "--data_path", type=Path, default=None,
+        help="a dataset in the official layout (default: synthetic photos of real sizes, in a temporary folder)",
+    )
+    parser.add_argument(
+        "--n-images", type=int, default=200, help="synthetic training photos (the official train split has 3312)"
+    )
+    parser.add_argument("--image-size", type=int, default=256, help="side of the square model input, in pixels")
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto picks cuda, then mps, then cpu"
+    )
+    parser.add_argument(
+        "-b", "--batch-size", type=int, default=None, help="images per batch (default: 32 on CUDA, 4 elsewhere)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed training steps per model (default: 30 on CUDA, 2 elsewhere)"
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
+        help=f"the models to time, among {', '.join(MODEL_NAMES)} (default: all of them)",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to docs/BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -152,7 +167,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         data_path = args.data_path
         if data_path is None:
-            data_path = make_synthetic_pets(Path(scratch) / "pets", n_trainval=args.n_images * 10 // 9 + 1, n_test=1, image_size=REAL_IMAGE_SIZE, progress=True)
+            data_path = make_synthetic_pets(
+                Path(scratch) / "pets", n_trainval=args.n_images * 10 // 9 + 1, n_test=1, image_size=REAL_IMAGE_SIZE,
+                progress=True,
+            )
         train_set = OxfordPetSegmentation(data_path, "train", build_transform(train=True, image_size=size))
         names, n = train_set.names, len(train_set)
         print(f"{n} training images from {data_path}; device {device}")
@@ -161,13 +179,17 @@ def main() -> None:
         # One core for the input rows, as each DataLoader worker has: img/s per core, comparable across paths.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        lab_uint8 = images_per_second(n, lambda: [lab_pil_sample(data_path, name, size, as_float=False) for name in names])
+        lab_uint8 = images_per_second(
+            n, lambda: [lab_pil_sample(data_path, name, size, as_float=False) for name in names]
+        )
         rows.append(("input, uint8 for the GPU: lab template per-image PIL (decodes every epoch)", lab_uint8, "1.0x"))
         lab = images_per_second(n, lambda: [lab_pil_sample(data_path, name, size) for name in names])
         rows.append(("input, resize only: lab template per-image PIL, to float", lab, "1.0x"))
         eval_set = OxfordPetSegmentation(data_path, "train", build_transform(train=False, image_size=size))
         per_image_eval = images_per_second(n, lambda: [eval_set[i] for i in range(n)])
-        rows.append(("input, resize only: petseg per-image (`--no-cache`)", per_image_eval, f"{per_image_eval / lab:.1f}x"))
+        rows.append(
+            ("input, resize only: petseg per-image (`--no-cache`)", per_image_eval, f"{per_image_eval / lab:.1f}x")
+        )
         caches = {}
 
         def build(source_size: int) -> None:
@@ -176,17 +198,44 @@ def main() -> None:
         build_rate = images_per_second(n, lambda: build(size))
         rows.append(("input: building the cache (once; then reused by every run)", build_rate, ""))
         uint8_rate = images_per_second(n, lambda: gather_batches(caches[size], batch_size))
-        rows.insert(1, ("input, uint8 for the GPU: petseg cache (batches cut from memory)", uint8_rate, f"{uint8_rate / lab_uint8:.1f}x"))
-        eval_batches = CachedBatches(caches[size], batch_size, device, IMAGENET_MEAN, IMAGENET_STD)
+        rows.insert(
+            1,
+            (
+                "input, uint8 for the GPU: petseg cache (batches cut from memory)",
+                uint8_rate,
+                f"{uint8_rate / lab_uint8:.1f}x",
+            ),
+        )
+        eval_batches = EvalBatches(caches[size], batch_size, device, IMAGENET_MEAN, IMAGENET_STD)
         cached_eval = images_per_second(n, lambda: epoch(eval_batches, device))
-        rows.append((f"input, resize only: petseg cache, normalised float batches on {device.type}", cached_eval, f"{cached_eval / lab:.1f}x"))
+        rows.append(
+            (
+                f"input, resize only: petseg cache, normalised float batches on {device.type}",
+                cached_eval,
+                f"{cached_eval / lab:.1f}x",
+            )
+        )
 
-        per_image = images_per_second(n, lambda: [train_set[i] for i in range(n)])
-        rows.append(("input, augmented: petseg per-image (`--no-cache`)", per_image, f"{per_image / lab:.1f}x"))
+        augmented = (batch_size, device, size, IMAGENET_MEAN, IMAGENET_STD)
+        decoded = TrainBatches(train_set, *augmented)
+        per_image = images_per_second(len(decoded) * batch_size, lambda: epoch(decoded, device))
+        rows.append(
+            (
+                f"input, augmented: petseg per-image (`--no-cache`) + batched augmentation on {device.type}",
+                per_image,
+                f"{per_image / lab:.1f}x",
+            )
+        )
         build(crop_source_size(size))
-        cached = CachedBatches(caches[crop_source_size(size)], batch_size, device, IMAGENET_MEAN, IMAGENET_STD, train_size=size)
+        cached = TrainBatches(caches[crop_source_size(size)], *augmented)
         from_cache = images_per_second(len(cached) * batch_size, lambda: epoch(cached, device))
-        rows.append((f"input, augmented: petseg cache + batched augmentation on {device.type}", from_cache, f"{from_cache / lab:.1f}x"))
+        rows.append(
+            (
+                f"input, augmented: petseg cache + batched augmentation on {device.type}",
+                from_cache,
+                f"{from_cache / lab:.1f}x",
+            )
+        )
         torch.set_num_threads(threads)
 
         for name in args.models:
@@ -200,7 +249,9 @@ def main() -> None:
             rows.append((f"train {name}: fed by the cached loader", fed, f"{fed / compute:.0%} of compute-only"))
             predict = inference_rate(model, next(iter(cached))[0], device, amp, steps)
             peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None
-            rows.append((f"inference {name}" + (f" (peak GPU memory in training {peak:.1f} GiB)" if peak else ""), predict, ""))
+            rows.append(
+                (f"inference {name}" + (f" (peak GPU memory in training {peak:.1f} GiB)" if peak else ""), predict, "")
+            )
             del model
 
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -211,7 +262,8 @@ def main() -> None:
         f"## {datetime.now():%Y-%m-%d %H:%M} — throughput on {device_name}\n\n"
         f"```\npython benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}\n```\n\n"
         f"{n} training images at {size}², batch {batch_size}, {steps} timed steps per model, "
-        f"{'bf16 autocast, channels_last' if amp else 'fp32'}; peak resident memory of the process {peak_rss:.1f} GiB.\n"
+        f"{'bf16 autocast, channels_last' if amp else 'fp32'}; "
+        f"peak resident memory of the process {peak_rss:.1f} GiB.\n"
     )
     report = header + "\n" + "\n".join(table) + "\n"
     print("\n" + report)

@@ -1,15 +1,16 @@
-"""The training augmentation on whole batches, on the training device.
+"""The training augmentation, on whole batches on the training device, for every data source.
 
-The same recipe as oxford_pet.build_transform(train=True) (the per-image path), with its ranges
-taken from there, but one grid_sample per batch instead of a chain of per-image transforms:
-random resized crop, horizontal flip and rotation composed into one affine map per image,
-sampled bilinearly for images and nearest for masks (so masks stay exactly 0/1), then
-brightness, contrast and saturation jitter with a factor per image.
+One grid_sample per batch: random resized crop, horizontal flip and rotation composed into one
+affine map per image, sampled bilinearly for images and nearest for masks (so masks stay exactly
+0/1), then brightness, contrast and saturation jitter with a factor per image. The ranges are
+oxford_pet's constants. Choices are drawn apart from applying them, so that processes training
+together can draw for the whole global batch, in step, and each apply its own share.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -60,29 +61,49 @@ def sample_geometry(n: int, generator: torch.Generator) -> tuple[torch.Tensor, t
     return theta, rotation
 
 
-def augment_batch(
+@dataclass
+class Augmentation:
+    """The random choices for a batch: geometry (crop, flip, rotation) and colour factors per image."""
+
+    theta: torch.Tensor  # (n, 2, 3) output -> input coordinates
+    rotation: torch.Tensor  # (n, 2, 3) the rotations alone
+    brightness: torch.Tensor  # (n,)
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+
+    def __getitem__(self, index: slice) -> Augmentation:
+        """The choices of some of the images, e.g. one process's share of a global batch."""
+        return Augmentation(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+def sample_augmentation(n: int, generator: torch.Generator) -> Augmentation:
+    """Draw the choices for n images from `generator` (a CPU generator, so a run can be resumed exactly)."""
+    theta, rotation = sample_geometry(n, generator)
+    brightness, contrast, saturation = (_uniform(1 - JITTER, 1 + JITTER, n, generator) for _ in range(3))
+    return Augmentation(theta, rotation, brightness, contrast, saturation)
+
+
+def apply_augmentation(
     images: torch.Tensor,
     masks: torch.Tensor,
+    choices: Augmentation,
     size: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 3, M, M) and masks (N, 1, M, M), on any device, to augmented normalised
-    float images (N, 3, size, size) and float {0, 1} masks (N, 1, size, size) on that device.
-    Random choices come from `generator` (a CPU generator), so a run can be resumed exactly."""
+    float images (N, 3, size, size) and float {0, 1} masks (N, 1, size, size) on that device."""
     n, device = len(images), images.device
-    theta, rotation = sample_geometry(n, generator)
     shape = [n, 1, size, size]
-    inside = (F.affine_grid(rotation.to(device), shape, align_corners=False).abs() <= 1).all(dim=-1)[:, None]
-    grid = F.affine_grid(theta.to(device), shape, align_corners=False)
+    inside = (F.affine_grid(choices.rotation.to(device), shape, align_corners=False).abs() <= 1).all(dim=-1)[:, None]
+    grid = F.affine_grid(choices.theta.to(device), shape, align_corners=False)
     images = F.grid_sample(images.float() / 255, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     masks = F.grid_sample(masks.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     images = images * inside
     masks = masks * inside
 
     brightness, contrast, saturation = (
-        _uniform(1 - JITTER, 1 + JITTER, n, generator).to(device).view(n, 1, 1, 1) for _ in range(3)
+        factor.to(device).view(n, 1, 1, 1) for factor in (choices.brightness, choices.contrast, choices.saturation)
     )
     weights = torch.tensor(GRAY_WEIGHTS, device=device).view(1, 3, 1, 1)
     images = (images * brightness).clamp(0, 1)
@@ -91,3 +112,15 @@ def augment_batch(
     gray = (images * weights).sum(1, keepdim=True)
     images = (gray + (images - gray) * saturation).clamp(0, 1)
     return v2.functional.normalize(images, list(mean), list(std)), masks
+
+
+def augment_batch(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a whole batch: sample_augmentation, then apply_augmentation."""
+    return apply_augmentation(images, masks, sample_augmentation(len(images), generator), size, mean, std)

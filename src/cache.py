@@ -1,5 +1,5 @@
 """Decode once: each split's images and masks resized once and kept as uint8 .npy files, then
-served in whole batches straight from memory (on the GPU when training there).
+served in whole batches straight from memory (batches.py; on the GPU when training there).
 
 JPEG decoding costs milliseconds of a CPU core per photo while the models need far less GPU time,
 so decoding every image every epoch leaves the GPU waiting. The cache is rebuilt by itself when
@@ -8,11 +8,11 @@ the image size or any source file (name, size or modification time) changes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
 import os
-from collections.abc import Iterator
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from augment import augment_batch
 from oxford_pet import OxfordPetSegmentation, image_path, trimap_path
 from utils import REPO_ROOT, atomic_write
 
@@ -44,8 +43,13 @@ def cache_bytes(n_images: int, size: int) -> int:
     return n_images * 4 * size * size
 
 
-def available_memory_bytes() -> int:
-    """Memory the OS can hand out now, page cache included (Linux's MemAvailable); total memory elsewhere."""
+# Where free memory cannot be measured, a cache up to this size is still used: any machine that trains has it.
+UNMEASURED_MEMORY_CACHE_LIMIT = 4 * 2**30
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS can hand out now, page cache included (Linux's MemAvailable); total memory where
+    only that is known (macOS); None where neither can be read (Windows has neither /proc nor sysconf)."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -53,7 +57,32 @@ def available_memory_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def cache_fits_in_memory(needed: int) -> bool:
+    """Whether a cache of `needed` bytes takes at most half the free memory; says why when it is not used."""
+    available = available_memory_bytes()
+    if available is None:
+        fits = needed <= UNMEASURED_MEMORY_CACHE_LIMIT
+        choice = "using it" if fits else "decoding every epoch instead"
+        print(
+            f"note: free memory cannot be measured on this system; the decode-once cache needs "
+            f"{needed / 2**30:.1f} GiB, so {choice} (pass --no-cache if memory runs short).",
+            file=sys.stderr,
+        )
+        return fits
+    if needed > available // 2:
+        print(
+            f"warning: the cache needs {needed / 2**30:.1f} GiB, more than half the free memory "
+            f"({available / 2**30:.1f} GiB); decoding every epoch instead.",
+            file=sys.stderr,
+        )
+        return False
+    return True
 
 
 def fingerprint(dataset: OxfordPetSegmentation, size: int) -> str:
@@ -82,6 +111,17 @@ class _Resized(Dataset):
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
 
+def _load(files: dict[str, Path], names_file: Path) -> CachedSplit | None:
+    """The cache these files hold, or None when it is incomplete: not built yet, half-built, or
+    removed as stale by a run of another fingerprint while this one was about to read it."""
+    try:
+        names = json.loads(names_file.read_text())  # written last: once it is there, the arrays are complete
+        images, masks = (torch.from_numpy(np.load(files[kind])) for kind in ("images", "masks"))
+    except FileNotFoundError:
+        return None
+    return CachedSplit(images, masks, names)
+
+
 def load_or_build(
     dataset: OxfordPetSegmentation, size: int, cache_dir: Path = DEFAULT_CACHE_DIR, num_workers: int = 0
 ) -> CachedSplit:
@@ -91,12 +131,9 @@ def load_or_build(
     base = cache_dir / f"{prefix}-{fingerprint(dataset, size)}"
     files = {kind: base.with_name(f"{base.name}.{kind}.npy") for kind in ("images", "masks")}
     names_file = base.with_name(f"{base.name}.names.json")
-    if names_file.exists() and all(path.exists() for path in files.values()):
-        return CachedSplit(
-            torch.from_numpy(np.load(files["images"])),
-            torch.from_numpy(np.load(files["masks"])),
-            json.loads(names_file.read_text()),
-        )
+    cached = _load(files, names_file)
+    if cached is not None:
+        return cached
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     n = len(dataset)
@@ -106,7 +143,9 @@ def load_or_build(
     # (and so its weights) would depend on whether the cache already existed.
     loader = DataLoader(_Resized(dataset, size), batch_size=16, num_workers=num_workers, generator=torch.Generator())
     start = 0
-    for image_batch, mask_batch in tqdm(loader, desc=f"caching {dataset.split} at {size}px", unit="batch", dynamic_ncols=True):
+    for image_batch, mask_batch in tqdm(
+        loader, desc=f"caching {dataset.split} at {size}px", unit="batch", dynamic_ncols=True
+    ):
         images[start : start + len(image_batch)] = image_batch.numpy()
         masks[start : start + len(mask_batch)] = mask_batch.numpy()
         start += len(image_batch)
@@ -118,58 +157,17 @@ def load_or_build(
         json.dump(dataset.names, file)
     for stale in cache_dir.glob(f"{prefix}-*"):
         if not stale.name.startswith(base.name):
-            stale.unlink()
+            # Another run may have removed it first, or (on Windows) still be reading it: both are fine.
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                stale.unlink()
     return CachedSplit(torch.from_numpy(images), torch.from_numpy(masks), list(dataset.names))
 
 
 def fits_on_device(split: CachedSplit, device: torch.device, share: float = 0.25) -> bool:
+    """Whether the split takes at most `share` of the device's memory (always, off CUDA: the CPU already holds it)."""
     if device.type != "cuda":
-        return True  # the CPU holds it already; Apple's MPS shares the CPU's memory
-    return cache_bytes(len(split), split.images.shape[-1]) <= share * torch.cuda.get_device_properties(device).total_memory
-
-
-class CachedBatches:
-    """Model-ready batches of a cached split, made on `device`: augmented (train) or only
-    normalised (eval). Iterates like a DataLoader; `generator` drives shuffling and augmentation."""
-
-    def __init__(
-        self,
-        split: CachedSplit,
-        batch_size: int,
-        device: torch.device,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        train_size: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        self.dataset = split
-        self.batch_size = batch_size
-        self.device = device
-        self.mean, self.std = list(mean), list(std)
-        self.train_size = train_size  # None: an eval split, in order, every image once
-        self.generator = torch.Generator().manual_seed(seed)
-        # Kept whole on the accelerator when it takes a small share of its memory: then no batch is
-        # ever copied. Otherwise batches travel from pinned memory, overlapping with compute.
-        storage = device if fits_on_device(split, device) else torch.device("cpu")
-        self.images, self.masks = split.images.to(storage), split.masks.to(storage)
-        if storage != device and device.type == "cuda":
-            self.images, self.masks = self.images.pin_memory(), self.masks.pin_memory()
-
-    def __len__(self) -> int:
-        if self.train_size is not None:
-            return len(self.dataset) // self.batch_size  # drop the last partial batch, as the DataLoader does
-        return math.ceil(len(self.dataset) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=self.generator) if self.train_size is not None else torch.arange(n)
-        for batch in range(len(self)):
-            index = order[batch * self.batch_size : (batch + 1) * self.batch_size].to(self.images.device)
-            # index_select copies whole images; plain indexing is several times slower on uint8.
-            images = self.images.index_select(0, index).to(self.device, non_blocking=True)
-            masks = self.masks.index_select(0, index).to(self.device, non_blocking=True)
-            if self.train_size is not None:
-                yield augment_batch(images, masks, self.train_size, self.mean, self.std, self.generator)
-            else:
-                images = v2.functional.to_dtype(images, torch.float32, scale=True)
-                yield v2.functional.normalize(images, self.mean, self.std), masks.float()
+        return True  # Apple's MPS shares the CPU's memory
+    return (
+        cache_bytes(len(split), split.images.shape[-1])
+        <= share * torch.cuda.get_device_properties(device).total_memory
+    )

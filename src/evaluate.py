@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import checkpoint as ckpt
+import distributed
+from cli import argument_parser
 from oxford_pet import DEFAULT_DATA_PATH, SPLITS, OxfordPetSegmentation, build_transform, prepare_dataset
-from utils import autocast, logits_to_mask, per_image_dice, run_script, select_device
+from utils import autocast, display_path, logits_to_mask, per_image_dice, run_script, select_device
 
 
 @dataclass
@@ -105,7 +108,9 @@ def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def score_at_original_size(logits: torch.Tensor, original_mask: torch.Tensor, pooled: PooledPixels) -> OriginalSizeScore:
+def score_at_original_size(
+    logits: torch.Tensor, original_mask: torch.Tensor, pooled: PooledPixels
+) -> OriginalSizeScore:
     """Score one image's logits (1, h, w) against its mask (1, H, W) at the mask's own size; adds to `pooled`."""
     pred = logits_to_mask(resize_logits(logits[None], original_mask.shape[-2:]))[0]
     gt = original_mask.bool()
@@ -148,9 +153,15 @@ def evaluate(
         if len(batch) == 3:
             originals += [
                 score_at_original_size(logit, original.to(device), pooled_original)
-                for logit, original in zip(logits, batch[2])
+                for logit, original in zip(logits, batch[2], strict=True)
             ]
-    per_image = torch.cat(dices)
+    # Under torchrun each process scored its own share of the images: pool them, each image once.
+    per_image = torch.tensor(distributed.concat_across(torch.cat(dices).tolist()))
+    originals = distributed.concat_across(originals)
+    loss_sum = distributed.sum_across([loss_sum])[0]
+    pooled, pooled_original = (
+        PooledPixels(*map(round, distributed.sum_across(astuple(counts)))) for counts in (pooled, pooled_original)
+    )
     return EvalResult(
         loss=loss_sum / len(per_image) if loss_fn is not None else float("nan"),
         dice=per_image.mean().item(),
@@ -179,7 +190,7 @@ def collate_with_original_masks(
     batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Stack the model-size images and masks; keep the original masks, each of its own size, as a list."""
-    images, masks, original_masks = zip(*batch)
+    images, masks, original_masks = zip(*batch, strict=True)
     return torch.stack(images), torch.stack(masks), list(original_masks)
 
 
@@ -198,14 +209,16 @@ def eval_loader(
     device: torch.device,
     skip_bad: bool = False,
     original_masks: bool = False,
+    shard: Callable[[int], range] | None = None,
 ) -> DataLoader:
     """A split resized and normalised for evaluation, in file order; with original_masks, batches
-    also carry each mask at its image's own size (a list), for scoring at the original resolution."""
+    also carry each mask at its image's own size (a list), for scoring at the original resolution.
+    `shard` (distributed.Processes.shard) picks this process's share of the images."""
     transform = build_transform(False, image_size, tuple(mean), tuple(std))
     split_class = SplitWithOriginalMasks if original_masks else OxfordPetSegmentation
     dataset = split_class(data_path, split, transform, skip_bad=skip_bad)
     return DataLoader(
-        dataset,
+        dataset if shard is None else Subset(dataset, shard(len(dataset))),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -237,8 +250,10 @@ def format_result(split: str, result: EvalResult) -> str:
     size = "×".join(map(str, result.image_size))
     tta = ", horizontal-flip TTA" if result.tta else ""
     lines = [
-        f"{name} Dice: {result.dice:.4f}  (mean of per-image Dice at {size}, the model's input size: the lab's definition{tta})",
-        f"{name} dataset-wide Dice: {result.dataset_dice:.4f}  IoU: {result.dataset_iou:.4f}  (pixels pooled, at {size})",
+        f"{name} Dice: {result.dice:.4f}  "
+        f"(mean of per-image Dice at {size}, the model's input size: the lab's definition{tta})",
+        f"{name} dataset-wide Dice: {result.dataset_dice:.4f}  IoU: {result.dataset_iou:.4f}  "
+        f"(pixels pooled, at {size})",
     ]
     if result.dice_original is not None:
         lines.append(
@@ -251,14 +266,36 @@ def format_result(split: str, result: EvalResult) -> str:
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by evaluate.py and inference.py."""
-    parser.add_argument("-m", "--model", type=Path, required=True, help="checkpoint .pt file, or a run folder (uses its best.pt)")
-    parser.add_argument("--data_path", "--data-path", type=Path, default=DEFAULT_DATA_PATH, help="dataset folder holding images/ and annotations/ (default: %(default)s)")
-    parser.add_argument("-n", "--network", default=None, help="optional: must match the checkpoint's network")
-    parser.add_argument("-b", "--batch_size", "--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default: cuda, then mps, then cpu")
-    parser.add_argument("--num-workers", "--num_workers", type=int, default=default_num_workers(), help="data loading processes (default: %(default)s)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: as the checkpoint's run used it)")
-    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average the probabilities of each image and its mirror image")
+    parser.add_argument(
+        "-m", "--model", type=Path, required=True,
+        help="checkpoint .pt file written by train.py, or its run folder (then its best.pt)",
+    )
+    parser.add_argument(
+        "--data_path", "--data-path", type=Path, default=DEFAULT_DATA_PATH,
+        help="dataset folder holding images/ and annotations/",
+    )
+    parser.add_argument(
+        "-n", "--network", default=None,
+        help="optional check: stop unless the checkpoint holds this network (it is read from the checkpoint anyway)",
+    )
+    parser.add_argument(
+        "-b", "--batch_size", "--batch-size", type=int, default=32, help="images per batch; lower it if memory runs out"
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto picks cuda, then mps, then cpu"
+    )
+    parser.add_argument(
+        "--num-workers", "--num_workers", type=int, default=default_num_workers(),
+        help="processes that read images; 0 reads them in the main process (default: one per CPU core, at most 8)",
+    )
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None,
+        help="mixed precision on or off (default: on when the checkpoint's run used it and the device is CUDA)",
+    )
+    parser.add_argument(
+        "--tta", action="store_true",
+        help="test-time augmentation: average the probabilities of each image and its mirror image",
+    )
 
 
 def load_for_eval(args: argparse.Namespace) -> tuple[dict, nn.Module, torch.device, bool]:
@@ -266,16 +303,16 @@ def load_for_eval(args: argparse.Namespace) -> tuple[dict, nn.Module, torch.devi
     path = ckpt.resolve_checkpoint_path(args.model)
     checkpoint = ckpt.load_checkpoint(path)
     ckpt.check_network(checkpoint, path, args.network)
-    device = select_device(args.device)
+    device = select_device(args.device, purpose="prediction")
     model = ckpt.model_from_checkpoint(checkpoint).to(device)
     amp = args.amp if args.amp is not None else bool(checkpoint.get("amp", False)) and device.type == "cuda"
     return checkpoint, model, device, amp
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Evaluate a petseg checkpoint on one split of Oxford-IIIT Pet.")
+    parser = argument_parser("Evaluate a petseg checkpoint on one split of Oxford-IIIT Pet.")
     add_eval_args(parser)
-    parser.add_argument("--split", default="test", choices=SPLITS, help="which split (default: %(default)s)")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="which split to score")
     args = parser.parse_args(argv)
     checkpoint, model, device, amp = load_for_eval(args)
     data_path = prepare_dataset(args.data_path)
@@ -283,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         data_path, args.split, checkpoint, args.batch_size, args.num_workers, device, original_masks=True
     )
     result = evaluate(model, loader, device, amp=amp, desc=args.split, tta=args.tta)
-    print(f"{checkpoint['network']} epoch {checkpoint['epoch']} on {args.split} ({len(loader.dataset)} images)")
+    path = display_path(ckpt.resolve_checkpoint_path(args.model))
+    print(f"{path}: {checkpoint['network']} epoch {checkpoint['epoch']} on {args.split} ({len(loader.dataset)} images)")
     print(format_result(args.split, result))
 
 

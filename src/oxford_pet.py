@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import datasets, tv_tensors
-from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from utils import REPO_ROOT, PetsegError
+from utils import REPO_ROOT, PetsegError, display_path
 
 DEFAULT_DATA_PATH = REPO_ROOT / "dataset" / "oxford-iiit-pet"
 SPLITS = ("train", "valid", "test")
@@ -30,7 +30,7 @@ ARCHIVE_URLS = (
 
 TRIMAP_PET, TRIMAP_BACKGROUND, TRIMAP_BORDER = 1, 2, 3
 
-# The training augmentation, shared by the per-image transforms below and the batched ones in augment.py.
+# The training augmentation's ranges; augment.py applies them to whole batches on the training device.
 CROP_SCALE = (0.5, 1.0)  # area of the random crop, as a fraction of the image
 CROP_RATIO = (3 / 4, 4 / 3)
 ROTATION_DEGREES = 10.0
@@ -38,8 +38,9 @@ JITTER = 0.3  # brightness, contrast and saturation factors are drawn from [1 - 
 
 
 def crop_source_size(image_size: int) -> int:
-    """Side of the square image that training crops are taken from: the smallest crop
-    (CROP_SCALE[0] of the area) still has image_size pixels a side, so crops are never upsampled."""
+    """Side of the square image that training crops are taken from: a square crop of the smallest
+    area (CROP_SCALE[0]) still has image_size pixels a side. The narrowest crops of that area (aspect
+    CROP_RATIO's ends) are stretched by up to 1 / sqrt(CROP_RATIO[0]) = 1.15x along their short side."""
     return math.ceil(image_size / math.sqrt(CROP_SCALE[0]))
 
 
@@ -101,7 +102,9 @@ def describe_missing(data_path: Path, missing: list[Path]) -> str:
         return f"{data_path} has no annotations/ folder (it should hold trainval.txt, test.txt and trimaps/)."
     listed = "\n".join(f"  {path}" for path in missing[:5])
     more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
-    return f"the dataset folder {data_path} is incomplete: the split files name files that are not there:\n{listed}{more}"
+    return (
+        f"the dataset folder {data_path} is incomplete: the split files name files that are not there:\n{listed}{more}"
+    )
 
 
 def manual_download_help(data_path: Path) -> str:
@@ -121,6 +124,17 @@ def prepare_dataset(data_path: Path = DEFAULT_DATA_PATH, download: bool = True, 
     if data_path.is_dir() and any(data_path.iterdir()):
         missing = missing_files(data_path)
         if missing and not (skip_bad and all(path.suffix != ".txt" for path in missing)):
+            # The folder above the dataset (e.g. dataset/ rather than dataset/oxford-iiit-pet/) is no cut-off download.
+            nested = [] if (data_path / "annotations").is_dir() else [
+                folder for folder in sorted(data_path.iterdir())
+                if (folder / "images").is_dir() and (folder / "annotations").is_dir()
+            ]
+            if nested:
+                choices = " or ".join(f"--data_path {display_path(folder)}" for folder in nested)
+                raise DatasetError(
+                    f"{display_path(data_path)} is not the dataset folder but holds one: pass {choices} "
+                    "(the folder with images/ and annotations/ in it)."
+                )
             raise DatasetError(
                 f"{describe_missing(data_path, missing)}\n"
                 "A download or unpacking may have been cut off: move that folder away and run again to download "
@@ -160,15 +174,28 @@ def _download(data_path: Path) -> None:
 # ----------------------------------------------------------------------------- decoding
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """RGB uint8 (3, H, W) from any file Pillow reads, whatever its mode (gray, RGBA, palette, CMYK) or suffix."""
+def read_image(path: Path, exif_orientation: bool = False) -> torch.Tensor:
+    """RGB uint8 (3, H, W) from any file Pillow reads, whatever its mode (gray, RGBA, palette, CMYK, 16-bit) or suffix.
+
+    exif_orientation turns the image upright as its EXIF tag says, as photo viewers do: for users' photos
+    (phones store portrait ones sideways). The dataset's images are read as stored, since their trimaps are.
+    """
     try:
         with Image.open(path) as image:
+            if exif_orientation:
+                image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I"):  # 16- or 32-bit integers, which convert("RGB") would clip, mostly to white
+                image = image.convert("I")
+                # Pillow opens 16-bit PNGs and TIFFs as "I;16" or "I"; only a genuinely 32-bit image goes past 65535.
+                full_scale = 65535 if image.getextrema()[1] <= 65535 else 2**31 - 1
+                image = image.point(lambda value: value * 255 / full_scale).convert("L")
             return v2.functional.pil_to_tensor(image.convert("RGB"))
     except FileNotFoundError as error:
         raise DatasetError(f"{path}: image file is missing.") from error
     except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for corrupt or truncated files
-        raise DatasetError(f"{path}: cannot decode the image ({error}); the file is corrupt, truncated or not an image.") from error
+        raise DatasetError(
+            f"{path}: cannot decode the image ({error}); the file is corrupt, truncated or not an image."
+        ) from error
 
 
 def read_trimap(path: Path) -> torch.Tensor:
@@ -179,9 +206,13 @@ def read_trimap(path: Path) -> torch.Tensor:
     except FileNotFoundError as error:
         raise DatasetError(f"{path}: trimap file is missing.") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise DatasetError(f"{path}: cannot decode the trimap ({error}); the file is corrupt, truncated or not a PNG.") from error
+        raise DatasetError(
+            f"{path}: cannot decode the trimap ({error}); the file is corrupt, truncated or not a PNG."
+        ) from error
     if trimap.shape[0] != 1 or trimap.dtype != torch.uint8:
-        raise DatasetError(f"{path}: a trimap must be single-channel 8-bit; got {trimap.shape[0]} channel(s) of {trimap.dtype}.")
+        raise DatasetError(
+            f"{path}: a trimap must be single-channel 8-bit; got {trimap.shape[0]} channel(s) of {trimap.dtype}."
+        )
     bad = (trimap < TRIMAP_PET) | (trimap > TRIMAP_BORDER)
     if bad.any():
         values = sorted(set(trimap[bad].unique().tolist()))[:5]
@@ -227,28 +258,17 @@ def build_transform(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> v2.Transform:
-    """Transforms on (Image, Mask) pairs: geometry is applied to both (masks with nearest
-    interpolation), colour and normalisation to the image only.
+    """Transforms on (Image, Mask) pairs; geometry is applied to both (masks with nearest interpolation).
 
-    Eval squashes the whole image to image_size x image_size. Train squashes it to
-    crop_source_size(image_size), then takes a random resized crop, flip, rotation and colour jitter.
+    Eval squashes the whole image to image_size x image_size and normalises it. Train only squashes
+    it to crop_source_size(image_size) and keeps uint8, as the decode-once cache stores it: the
+    augmentation itself runs on whole batches on the training device (augment.py), the same for
+    both, so cached and per-image training see the same augmentation.
     """
-    size = (image_size, image_size)
     if train:
         source = crop_source_size(image_size)
-        steps = [
-            v2.Resize((source, source), antialias=True),
-            v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomRotation(ROTATION_DEGREES),
-            # One ColorJitter per property keeps their order fixed, as in the batched version.
-            v2.ColorJitter(brightness=JITTER),
-            v2.ColorJitter(contrast=JITTER),
-            v2.ColorJitter(saturation=JITTER),
-        ]
-    else:
-        steps = [v2.Resize(size, antialias=True)]
-    return v2.Compose([*steps, *to_model_input(mean, std)])
+        return v2.Resize((source, source), antialias=True)
+    return v2.Compose([v2.Resize((image_size, image_size), antialias=True), *to_model_input(mean, std)])
 
 
 def to_model_input(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.Transform]:
@@ -263,7 +283,7 @@ def to_model_input(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.T
 
 
 class OxfordPetSegmentation(Dataset):
-    """(image, mask) pairs of one split: image float (3, S, S) normalised, mask float {0, 1} (1, S, S).
+    """(image, mask) pairs of one split, as its transform makes them (see build_transform).
 
     A pair that cannot be used raises DatasetError naming the file; with skip_bad every pair is
     decoded once up front and the bad ones are left out, with one warning listing them.
@@ -302,6 +322,10 @@ class OxfordPetSegmentation(Dataset):
 
 
 def load_dataset(data_path: Path, mode: str, image_size: int = 256, skip_bad: bool = False) -> OxfordPetSegmentation:
-    """The lab template's entry point: the `mode` split with the recipe's transform (augmented for train)."""
+    """The lab template's entry point: the `mode` split with the recipe's transform.
+
+    valid and test give normalised float images (3, S, S) and float {0, 1} masks (1, S, S); train
+    gives uint8 pairs at crop_source_size(S), which augment.augment_batch turns into model input.
+    """
     transform = build_transform(train=mode == "train", image_size=image_size)
     return OxfordPetSegmentation(data_path, mode, transform, skip_bad=skip_bad)

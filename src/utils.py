@@ -63,9 +63,11 @@ def per_image_dice(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tens
         raise ValueError(f"pred_mask shape {tuple(pred_mask.shape)} != gt_mask shape {tuple(gt_mask.shape)}")
     pred = _check_binary(pred_mask, "pred_mask").flatten(1)
     gt = _check_binary(gt_mask, "gt_mask").flatten(1)
-    intersection = (pred & gt).sum(dim=1).double()
-    total = pred.sum(dim=1).double() + gt.sum(dim=1).double()
-    return torch.where(total > 0, 2 * intersection / total.clamp(min=1), torch.ones_like(total))
+    # Pixels are counted in integers (exact) and divided in float32: Apple's MPS has no float64.
+    intersection = (pred & gt).sum(dim=1)
+    total = pred.sum(dim=1) + gt.sum(dim=1)
+    dice = (2 * intersection).float() / total.clamp(min=1).float()
+    return torch.where(total > 0, dice, torch.ones_like(dice))
 
 
 def dice_score(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> float:
@@ -92,18 +94,18 @@ class BCEDiceLoss(nn.Module):
 # ----------------------------------------------------------------------------- devices and precision
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA, then Apple's MPS, then the CPU with a warning that training there is slow."""
+def select_device(name: str = "auto", purpose: str = "training") -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU with a note fitting `purpose` ("training" or "prediction")."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
-        print(
-            "warning: no CUDA or MPS device found; running on the CPU, which is very slow for training. "
-            "Use a CUDA machine for the full recipe.",
-            file=sys.stderr,
-        )
+        if purpose == "training":
+            advice = "which is very slow for training. Use a CUDA machine for the full recipe."
+        else:
+            advice = f"which makes {purpose} slower than on a GPU, but it works."
+        print(f"warning: no CUDA or MPS device found; running on the CPU, {advice}", file=sys.stderr)
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise PetsegError("--device cuda was asked for, but torch sees no CUDA device. Use --device auto or cpu.")
@@ -113,12 +115,29 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the device runs it natively (no loss scaling needed), else float16."""
+    """bfloat16 where the device runs it natively (no loss scaling needed), else float16.
+
+    CUDA GPUs before Ampere (T4, V100, RTX 20xx) only emulate bfloat16, and cuDNN has no bfloat16
+    convolutions there, so they get float16 with loss scaling.
+    """
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu":
         return torch.bfloat16
     return torch.float16
+
+
+def needs_loss_scaling(device: torch.device, amp: bool) -> bool:
+    """float16 gradients underflow without loss scaling (a GradScaler); bfloat16 and float32 ones do not."""
+    return amp and autocast_dtype(device) == torch.float16
+
+
+def describe_precision(device: torch.device, amp: bool) -> str:
+    """How the run computes, for the start-up line."""
+    if not amp:
+        return "float32"
+    dtype = str(autocast_dtype(device)).removeprefix("torch.")
+    return f"{dtype} autocast{' with loss scaling' if needs_loss_scaling(device, amp) else ''}"
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -148,22 +167,26 @@ def restore_rng_states(states: dict) -> None:
     name, keys, position, has_gauss, cached_gaussian = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    # Restored for the GPUs both machines have: a run may resume on a machine with fewer, or none.
+    for index, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, index)
 
 
 @contextlib.contextmanager
 def sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends, so a checkpoint being written is finished first."""
+    """Hold Ctrl-C (and SIGTERM, which train.py treats alike) until the block ends, so a checkpoint
+    being written is finished first."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if received:
         raise KeyboardInterrupt
 
@@ -199,3 +222,14 @@ def unused_path(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
     return candidate
+
+
+def display_path(path: Path) -> str:
+    """`path` as a user would type it: relative to the working directory when that is shorter, else absolute."""
+    path = Path(path)
+    absolute = path.resolve() if path.exists() else path.absolute()
+    try:
+        relative = os.path.relpath(absolute)
+    except ValueError:  # Windows: another drive has no relative path
+        return str(absolute)
+    return relative if len(relative) < len(str(absolute)) else str(absolute)

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import _agreement_away_from_edges, _asymmetric_pair
 from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
 from augment import augment_batch, sample_crops
-from cache import CachedBatches, load_or_build
+from batches import EvalBatches
+from cache import load_or_build
 from oxford_pet import CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, OxfordPetSegmentation, load_dataset
+from test_data import _agreement_away_from_edges, _asymmetric_pair
 
 CPU = torch.device("cpu")
 
@@ -24,9 +25,9 @@ CPU = torch.device("cpu")
 def test_cached_and_uncached_evaluation_tensors_are_identical(synthetic_pets: Path, tmp_path: Path, split: str) -> None:
     dataset = load_dataset(synthetic_pets, split, image_size=64)
     uncached = list(DataLoader(dataset, batch_size=7))
-    cached = list(CachedBatches(load_or_build(dataset, 64, tmp_path), 7, CPU, IMAGENET_MEAN, IMAGENET_STD))
+    cached = list(EvalBatches(load_or_build(dataset, 64, tmp_path), 7, CPU, IMAGENET_MEAN, IMAGENET_STD))
     assert len(cached) == len(uncached)
-    for (image_a, mask_a), (image_b, mask_b) in zip(uncached, cached):
+    for (image_a, mask_a), (image_b, mask_b) in zip(uncached, cached, strict=True):
         assert torch.equal(image_a, image_b)
         assert torch.equal(mask_a, mask_b)
 
@@ -72,10 +73,12 @@ def test_batched_augmentation_moves_images_and_masks_together() -> None:
     image, mask = _asymmetric_pair(size=91)
     images = image[None].repeat(16, 1, 1, 1).as_subclass(torch.Tensor)
     masks = mask[None].repeat(16, 1, 1, 1).as_subclass(torch.Tensor)
-    out_images, out_masks = augment_batch(images, masks, 64, IMAGENET_MEAN, IMAGENET_STD, torch.Generator().manual_seed(0))
+    out_images, out_masks = augment_batch(
+        images, masks, 64, IMAGENET_MEAN, IMAGENET_STD, torch.Generator().manual_seed(0)
+    )
     assert out_images.shape == (16, 3, 64, 64) and out_masks.shape == (16, 1, 64, 64)
     assert set(out_masks.unique().tolist()) <= {0.0, 1.0}, "masks must stay exact"
-    for out_image, out_mask in zip(out_images, out_masks):
+    for out_image, out_mask in zip(out_images, out_masks, strict=True):
         assert _agreement_away_from_edges(out_image, out_mask) > 0.995
         assert _agreement_away_from_edges(out_image, out_mask.flip(-1)) < 0.9
     assert len({out_mask.sum().item() for out_mask in out_masks}) > 8, "every image gets its own crop"
@@ -84,7 +87,10 @@ def test_batched_augmentation_moves_images_and_masks_together() -> None:
 def test_batched_augmentation_is_reproducible_from_its_generator() -> None:
     image, mask = _asymmetric_pair(size=91)
     images, masks = image[None].repeat(4, 1, 1, 1), mask[None].repeat(4, 1, 1, 1)
-    run = [augment_batch(images, masks, 64, IMAGENET_MEAN, IMAGENET_STD, torch.Generator().manual_seed(3)) for _ in range(2)]
+    run = [
+        augment_batch(images, masks, 64, IMAGENET_MEAN, IMAGENET_STD, torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
     assert torch.equal(run[0][0], run[1][0]) and torch.equal(run[0][1], run[1][1])
 
 

@@ -135,7 +135,9 @@ def test_train_stops_on_a_bad_file_with_a_clear_message_even_from_a_loader_worke
 def test_train_with_skip_bad_trains_on_the_rest(pets: Path, tmp_path: Path) -> None:
     truncate(image_file(pets, first_train_name(pets)))
     (trimap_file(pets, split_names(pets, "test")[-1])).unlink()
-    train.main(["--data_path", str(pets), *FAST, "-e", "1", "--skip-bad", "--save-dir", str(tmp_path), "--run-name", "r"])
+    train.main(
+        ["--data_path", str(pets), *FAST, "-e", "1", "--skip-bad", "--save-dir", str(tmp_path), "--run-name", "r"]
+    )
     assert (tmp_path / "r" / "results.json").exists()
 
 
@@ -192,7 +194,9 @@ class RunsACommand:
 
 
 @pytest.mark.parametrize("payload", [WritesAFile, RunsACommand])
-def test_a_checkpoint_that_would_run_code_is_refused_unrun(payload: type, good_checkpoint: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(
+    payload: type, good_checkpoint: Path, tmp_path: Path
+) -> None:
     marker = tmp_path / "pwned"
     evil = torch.load(good_checkpoint, weights_only=True)
     evil["args"] = payload(marker)
@@ -229,7 +233,9 @@ def test_nan_loss_stops_with_epoch_step_and_advice_and_keeps_the_best(
     assert ckpt.load_checkpoint(tmp_path / "r")["epoch"] == 1
 
 
-def test_out_of_memory_is_one_line_of_advice(synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_out_of_memory_is_one_line_of_advice(
+    synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -241,7 +247,8 @@ def test_out_of_memory_is_one_line_of_advice(synthetic_pets: Path, tmp_path: Pat
 @pytest.mark.parametrize(
     "flags",
     [["-lr", "0"], ["-lr", "-1e-3"], ["-e", "0"], ["-b", "0"], ["--image-size", "16"], ["-n", "vgg"],
-     ["--data_path", "/nowhere/oxford-iiit-pet"]],
+     ["--data_path", "/nowhere/oxford-iiit-pet"], ["--patience", "-1"], ["--num-workers", "-1"],
+     ["--epoch", "2"]],
 )
 def test_bad_flags_exit_2_and_write_nothing(flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     save_dir = tmp_path / "saved_models"

@@ -41,7 +41,10 @@ def test_interrupted_and_resumed_run_ends_bit_identical(
     synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A cache of its own: the first run builds it, the others load it, and that must not matter.
-    common = ["--data_path", str(synthetic_pets), "-e", "2", *FAST, "--save-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    common = [
+        "--data_path", str(synthetic_pets), "-e", "2", *FAST,
+        "--save-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
+    ]
     train.main([*common, "--run-name", "straight"])
 
     real_epoch = train.train_one_epoch
@@ -67,7 +70,10 @@ def test_interrupted_and_resumed_run_ends_bit_identical(
     assert_same_weights(straight / "last.pt", resumed / "last.pt")
     assert_same_weights(straight / "best.pt", resumed / "best.pt")
     assert history_without_timing(straight) == history_without_timing(resumed)
-    assert json.loads((straight / "results.json").read_text())["test"] == json.loads((resumed / "results.json").read_text())["test"]
+    assert (
+        json.loads((straight / "results.json").read_text())["test"]
+        == json.loads((resumed / "results.json").read_text())["test"]
+    )
 
 
 def test_resume_refuses_to_change_the_recipe(trained: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
@@ -120,7 +126,8 @@ def test_sigkill_mid_run_leaves_loadable_checkpoints_and_the_run_resumes(synthet
 
 
 def test_ctrl_c_saves_and_prints_the_exact_resume_command(synthetic_pets: Path, tmp_path: Path) -> None:
-    process = start_training(synthetic_pets, tmp_path, 3)
+    # Epochs to spare: on a loaded machine the run must still be training when the signal comes.
+    process = start_training(synthetic_pets, tmp_path, 6)
     run_dir = tmp_path / "run"
     wait_for_epochs(run_dir, process, 1)
     process.send_signal(signal.SIGINT)

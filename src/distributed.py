@@ -1,0 +1,210 @@
+"""Data-parallel training over the processes torchrun starts: the process group, who does what, and
+reductions that count every image exactly once.
+
+    python src/train.py -n unet                                     # one process: all of this is a no-op
+    torchrun --standalone --nproc_per_node=4 src/train.py -n unet   # four processes, one GPU each
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them nothing here talks to anyone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from utils import PetsegError, select_device
+
+# Long enough for local rank 0 to build the decode-once cache while the others wait; short enough
+# that a process left alone by a crashed peer gives up rather than hanging for good.
+TIMEOUT = timedelta(minutes=15)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the ones training together (one, unless started by torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    launched: bool = False  # started by torchrun, even as its only process
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints, shows progress bars and writes files."""
+        return self.rank == 0
+
+    def shard(self, n: int) -> range:
+        """This process's contiguous share of n items; the shares cover each item exactly once."""
+        return range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
+    def resume_command(self, script: str, run: str) -> str:
+        """The command that continues a run with the same processes."""
+        if not self.launched:
+            return f"python {script} --resume {run}"
+        if self.local_world_size == self.world_size:
+            return f"torchrun --standalone --nproc_per_node={self.world_size} {script} --resume {run}"
+        return f"the torchrun command that started the run, with {script} --resume {run}"
+
+
+def from_environment() -> Processes:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Processes()
+    return Processes(
+        rank=int(os.environ["RANK"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
+        launched=True,
+    )
+
+
+def start(processes: Processes, device_name: str) -> torch.device:
+    """The device this process trains on, after joining the process group when torchrun started it:
+    NCCL with one GPU per process (cuda:LOCAL_RANK), Gloo on CPUs."""
+    device = select_device(device_name)
+    if not processes.launched:
+        return device
+    if device.type == "mps":
+        raise PetsegError(
+            "torchrun trains on CUDA GPUs or CPUs; a Mac's one GPU needs no torchrun: use python src/train.py."
+        )
+    if device.type == "cuda":
+        device = torch.device("cuda", processes.local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+    return device
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def _device() -> torch.device:
+    """Where collectives take their tensors: NCCL's on this process's GPU, Gloo's on the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_across(values: Sequence[float]) -> list[float]:
+    """Each value summed over all processes, in float64 so that pixel counts stay exact."""
+    if not active():
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def concat_across(items: list[Any]) -> list[Any]:
+    """Every process's list, concatenated in rank order: with contiguous shards, the original order."""
+    if not active():
+        return items
+    gathered: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def any_across(flag: bool) -> bool:
+    """Whether any process says so: to stop together (a NaN loss on one is a NaN loss for all)."""
+    if not active():
+        return flag
+    tensor = torch.tensor([int(flag)], device=_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's value, on every process."""
+    if not active():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+class _SumAcross(torch.autograd.Function):
+    """A sum over processes that gradients flow back through: each process's statistics depend on
+    every process's images, so each image's gradient gathers the contributions of all."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+class _GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with the batch statistics of every process's images: nn.SyncBatchNorm's job on
+    CPUs (Gloo), where it refuses to run. Same parameters and buffers as nn.BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        local = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
+        total = _SumAcross.apply(local)
+        channels = x.shape[1]
+        n = total[-1]
+        mean = total[:channels] / n
+        var = total[channels : 2 * channels] / n - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
+
+
+def _to_global_batch_norm(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.BatchNorm2d):
+        replacement = _GlobalBatchNorm2d(module.num_features, module.eps, module.momentum).to(module.weight.device)
+        replacement.load_state_dict(module.state_dict())
+        return replacement
+    for name, child in module.named_children():
+        setattr(module, name, _to_global_batch_norm(child))
+    return module
+
+
+def wrap(model: nn.Module, device: torch.device, sync_batch_norm: bool) -> nn.Module:
+    """The model as it trains: under torchrun, DistributedDataParallel (gradients averaged over
+    processes), with BatchNorm statistics over all processes' images when sync_batch_norm."""
+    if not active():
+        return model
+    if sync_batch_norm and dist.get_world_size() > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            model = _to_global_batch_norm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile's and DDP's wrappers: its state_dict has no `_orig_mod.` or
+    `module.` prefix and loads into build_model's."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
