@@ -94,11 +94,47 @@ def predict_logits(model: nn.Module, images: torch.Tensor, amp: bool = False, tt
         return logits
     with autocast(images.device, amp):
         mirrored = model(images.flip(-1)).float().flip(-1)
-    # logit((σ(a) + σ(b)) / 2) = log(σ(a) + σ(b)) - log(σ(-a) + σ(-b)), in log space so that
-    # confident logits neither round to a probability of exactly 1 nor turn into infinities.
-    pet = torch.logaddexp(F.logsigmoid(logits), F.logsigmoid(mirrored))
-    background = torch.logaddexp(F.logsigmoid(-logits), F.logsigmoid(-mirrored))
-    return pet - background
+    return mean_probability_logit([logits, mirrored])
+
+
+def mean_probability_logit(logits: list[torch.Tensor]) -> torch.Tensor:
+    """The logit of the mean of the sigmoid probabilities of several logit maps of one shape.
+
+    logit(mean σ(aᵢ)) = log Σ σ(aᵢ) - log Σ σ(-aᵢ), in log space so that confident logits neither round
+    to a probability of exactly 1 nor turn into infinities.
+    """
+    stacked = torch.stack(logits)
+    return torch.logsumexp(F.logsigmoid(stacked), dim=0) - torch.logsumexp(F.logsigmoid(-stacked), dim=0)
+
+
+class Ensemble(nn.Module):
+    """Several checkpoints voting: the mean of their probabilities, as one model's logits.
+
+    It takes the images as the first checkpoint's run prepared them (its image size and
+    normalisation). A model whose checkpoint was trained at another size or normalisation gets them
+    converted to its own, and its logits are resized back, so every model sees its usual input.
+    """
+
+    def __init__(self, checkpoints: list[dict]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(ckpt.model_from_checkpoint(checkpoint) for checkpoint in checkpoints)
+        self.inputs = [(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"]) for checkpoint in checkpoints]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size, mean, std = self.inputs[0]
+        logits = []
+        for member, (member_size, member_mean, member_std) in zip(self.members, self.inputs, strict=True):
+            member_images = images
+            if (member_size, member_mean, member_std) != (size, mean, std):
+                pixels = images * _channels(std, images) + _channels(mean, images)  # back to [0, 1]
+                pixels = F.interpolate(pixels, size=(member_size, member_size), mode="bilinear", antialias=True)
+                member_images = (pixels - _channels(member_mean, images)) / _channels(member_std, images)
+            logits.append(resize_logits(member(member_images).float(), images.shape[-2:]))
+        return logits[0] if len(logits) == 1 else mean_probability_logit(logits)
+
+
+def _channels(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -267,8 +303,9 @@ def format_result(split: str, result: EvalResult) -> str:
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by evaluate.py and inference.py."""
     parser.add_argument(
-        "-m", "--model", type=Path, required=True,
-        help="checkpoint .pt file written by train.py, or its run folder (then its best.pt)",
+        "-m", "--model", type=Path, nargs="+", action="extend", required=True,
+        help="checkpoint .pt file written by train.py, or its run folder (then its best.pt); several (-m A B, or "
+        "-m A -m B) vote with the mean of their probabilities",
     )
     parser.add_argument(
         "--data_path", "--data-path", type=Path, default=DEFAULT_DATA_PATH,
@@ -298,30 +335,64 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_for_eval(args: argparse.Namespace) -> tuple[dict, nn.Module, torch.device, bool]:
-    """Checkpoint, model on the device, device and precision, from add_eval_args' flags."""
-    path = ckpt.resolve_checkpoint_path(args.model)
-    checkpoint = ckpt.load_checkpoint(path)
-    ckpt.check_network(checkpoint, path, args.network)
+@dataclass
+class Predictor:
+    """What predicts: one checkpoint's model, or an Ensemble of several; inputs are prepared as the
+    first checkpoint's run prepared them."""
+
+    model: nn.Module
+    checkpoints: list[dict]
+    paths: list[Path]
+    device: torch.device
+    amp: bool
+
+    @property
+    def first(self) -> dict:
+        return self.checkpoints[0]
+
+    def describe(self) -> str:
+        """Which checkpoints predict, for the first line a script prints."""
+        def one(path: Path, checkpoint: dict) -> str:
+            return (
+                f"{display_path(path)}: {checkpoint['network']} from epoch {checkpoint['epoch']} "
+                f"(valid Dice {checkpoint['valid_dice']:.4f}, {checkpoint['image_size']}px)"
+            )
+
+        if len(self.paths) == 1:
+            return one(self.paths[0], self.first)
+        votes = "\n".join(
+            f"  {one(path, checkpoint)}" for path, checkpoint in zip(self.paths, self.checkpoints, strict=True)
+        )
+        return f"ensemble of {len(self.paths)} checkpoints, voting with the mean of their probabilities:\n{votes}"
+
+
+def load_for_eval(args: argparse.Namespace) -> Predictor:
+    """The checkpoints of -m, their model (an Ensemble for several) on the device, and the precision."""
+    paths = [ckpt.resolve_checkpoint_path(path) for path in args.model]
+    checkpoints = [ckpt.load_checkpoint(path) for path in paths]
+    for path, checkpoint in zip(paths, checkpoints, strict=True):
+        ckpt.check_network(checkpoint, path, args.network)
     device = select_device(args.device, purpose="prediction")
-    model = ckpt.model_from_checkpoint(checkpoint).to(device)
-    amp = args.amp if args.amp is not None else bool(checkpoint.get("amp", False)) and device.type == "cuda"
-    return checkpoint, model, device, amp
+    model = ckpt.model_from_checkpoint(checkpoints[0]) if len(checkpoints) == 1 else Ensemble(checkpoints).eval()
+    used_amp = all(checkpoint.get("amp", False) for checkpoint in checkpoints)
+    amp = args.amp if args.amp is not None else used_amp and device.type == "cuda"
+    return Predictor(model.to(device), checkpoints, paths, device, amp)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argument_parser("Evaluate a petseg checkpoint on one split of Oxford-IIIT Pet.")
+    parser = argument_parser("Evaluate a petseg checkpoint, or several voting, on one split of Oxford-IIIT Pet.")
     add_eval_args(parser)
     parser.add_argument("--split", default="test", choices=SPLITS, help="which split to score")
     args = parser.parse_args(argv)
-    checkpoint, model, device, amp = load_for_eval(args)
+    predictor = load_for_eval(args)
     data_path = prepare_dataset(args.data_path)
     loader = checkpoint_loader(
-        data_path, args.split, checkpoint, args.batch_size, args.num_workers, device, original_masks=True
+        data_path, args.split, predictor.first, args.batch_size, args.num_workers, predictor.device,
+        original_masks=True,
     )
-    result = evaluate(model, loader, device, amp=amp, desc=args.split, tta=args.tta)
-    path = display_path(ckpt.resolve_checkpoint_path(args.model))
-    print(f"{path}: {checkpoint['network']} epoch {checkpoint['epoch']} on {args.split} ({len(loader.dataset)} images)")
+    result = evaluate(predictor.model, loader, predictor.device, amp=predictor.amp, desc=args.split, tta=args.tta)
+    print(predictor.describe())
+    print(f"{args.split} split: {len(loader.dataset)} images")
     print(format_result(args.split, result))
 
 

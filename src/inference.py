@@ -29,7 +29,6 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from checkpoint import resolve_checkpoint_path
 from cli import argument_parser
 from evaluate import (
     EvalResult,
@@ -190,20 +189,20 @@ def predict_files(args: argparse.Namespace) -> None:
     images = find_images(args.input, args.output)
     paths = output_paths(images, args.output)
     check_outputs_are_free(paths, args.output, args.overwrite)
-    checkpoint, model, device, amp = load_for_eval(args)
-    size = checkpoint["image_size"]
+    predictor = load_for_eval(args)
+    size = predictor.first["image_size"]
+    print(predictor.describe())
     print(
-        f"{checkpoint['network']} from epoch {checkpoint['epoch']} (valid Dice {checkpoint['valid_dice']:.4f}); "
         f"{len(images)} image(s) predicted at {size}×{size}{' with horizontal-flip TTA' if args.tta else ''}, "
         "masks at each image's own size"
     )
     args.output.mkdir(parents=True, exist_ok=True)
-    transform = build_transform(False, size, tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
+    transform = build_transform(False, size, tuple(predictor.first["mean"]), tuple(predictor.first["std"]))
     loader = DataLoader(ImageFiles(images), batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=list)
     pending = iter(paths)
     with tqdm(total=len(images), unit="img", desc="predicting", dynamic_ncols=True) as progress:
         for batch in loader:
-            masks = predict_masks(model, batch, transform, device, amp, args.tta)
+            masks = predict_masks(predictor.model, batch, transform, predictor.device, predictor.amp, args.tta)
             # pending holds the paths of later batches too
             for image, mask, (mask_path, overlay_path) in zip(batch, masks, pending, strict=False):
                 write_png(mask[None].to(torch.uint8) * 255, mask_path)
@@ -271,18 +270,20 @@ def figure_cases(
 
 
 def score_test_split(args: argparse.Namespace) -> None:
-    checkpoint, model, device, amp = load_for_eval(args)
+    predictor = load_for_eval(args)
+    model, device, amp = predictor.model, predictor.device, predictor.amp
     data_path = prepare_dataset(args.data_path)
     loader = checkpoint_loader(
-        data_path, "test", checkpoint, args.batch_size, args.num_workers, device, original_masks=True
+        data_path, "test", predictor.first, args.batch_size, args.num_workers, device, original_masks=True
     )
     result = evaluate(model, loader, device, amp=amp, desc="test", tta=args.tta)
-    print(f"{checkpoint['network']} from epoch {checkpoint['epoch']} (valid Dice {checkpoint['valid_dice']:.4f}); "
-          f"test set: {len(loader.dataset)} images")
+    print(predictor.describe())
+    print(f"test set: {len(loader.dataset)} images")
     print(format_result("test", result))
 
-    run_dir = resolve_checkpoint_path(args.model).parent
-    tag = "_tta" if args.tta else ""
+    # Beside the (first) checkpoint; an ensemble's files are named apart from its first model's own.
+    run_dir = predictor.paths[0].parent
+    tag = ("_ensemble" if len(predictor.paths) > 1 else "") + ("_tta" if args.tta else "")
     table = unused_path(run_dir / f"test_dice{tag}.csv")
     dataset = loader.dataset
     write_per_image_csv(dataset.names, result, table)
@@ -303,7 +304,8 @@ def score_test_split(args: argparse.Namespace) -> None:
              figure_cases(model, dataset, worst, result, device, amp, args.tta)),
         ],
         figure,
-        title=f"{checkpoint['network']}: test Dice {result.dice:.4f} at {size}, {result.dice_original:.4f} at full size"
+        title=f"{'ensemble' if len(predictor.paths) > 1 else predictor.first['network']}: "
+        f"test Dice {result.dice:.4f} at {size}, {result.dice_original:.4f} at full size"
         f"{', horizontal-flip TTA' if args.tta else ''}",
     )
     print(f"Wrote {display_path(table)} (Dice of each test image) and {display_path(figure)}")
