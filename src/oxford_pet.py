@@ -99,20 +99,25 @@ def missing_files(data_path: Path) -> list[Path]:
 
 def describe_missing(data_path: Path, missing: list[Path]) -> str:
     if not (data_path / "annotations").is_dir():
-        return f"{data_path} has no annotations/ folder (it should hold trainval.txt, test.txt and trimaps/)."
+        return (
+            f"{display_path(data_path)} has no annotations/ folder "
+            "(it should hold trainval.txt, test.txt and trimaps/)."
+        )
     listed = "\n".join(f"  {path}" for path in missing[:5])
     more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
     return (
-        f"the dataset folder {data_path} is incomplete: the split files name files that are not there:\n{listed}{more}"
+        f"the dataset folder {display_path(data_path)} is incomplete: the split files name files that are not "
+        f"there:\n{listed}{more}"
     )
 
 
 def manual_download_help(data_path: Path) -> str:
     urls = "\n".join(f"  {url}" for url in ARCHIVE_URLS)
+    folder = display_path(data_path)
     return (
         f"Download the two archives of the Oxford-IIIT Pet dataset ({HOMEPAGE}):\n{urls}\n"
-        f"and unpack both into {data_path}, so that it holds images/ and annotations/:\n"
-        f"  mkdir -p {data_path} && tar -xzf images.tar.gz -C {data_path} && tar -xzf annotations.tar.gz -C {data_path}"
+        f"and unpack both into {folder}, so that it holds images/ and annotations/:\n"
+        f"  mkdir -p {folder} && tar -xzf images.tar.gz -C {folder} && tar -xzf annotations.tar.gz -C {folder}"
     )
 
 
@@ -142,7 +147,9 @@ def prepare_dataset(data_path: Path = DEFAULT_DATA_PATH, download: bool = True, 
             )
         return data_path
     if not download:
-        raise DatasetError(f"no dataset at {data_path} and downloading is off.\n{manual_download_help(data_path)}")
+        raise DatasetError(
+            f"no dataset at {display_path(data_path)} and downloading is off.\n{manual_download_help(data_path)}"
+        )
     _download(data_path)
     return data_path
 
@@ -152,7 +159,7 @@ def _download(data_path: Path) -> None:
     download never looks like a dataset."""
     staging = data_path.parent / f".{data_path.name}.download"
     shutil.rmtree(staging, ignore_errors=True)
-    print(f"Downloading the Oxford-IIIT Pet dataset (about 800 MB) to {data_path} ...")
+    print(f"Downloading the Oxford-IIIT Pet dataset (about 800 MB) to {display_path(data_path)} ...")
     try:
         datasets.OxfordIIITPet(root=staging, target_types="segmentation", download=True)
     except Exception as error:  # noqa: BLE001 - network, disk and checksum failures all get the same advice
