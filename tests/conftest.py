@@ -52,6 +52,25 @@ def trained(synthetic_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     return save_dir / "e2e", result.stdout
 
 
+def train_with_ctrl_c_in_epoch_2(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> int:
+    """train.main(argv) with Ctrl-C pressed as epoch 2 begins; returns its exit code."""
+    import train
+
+    real_epoch, calls = train.train_one_epoch, []
+
+    def ctrl_c_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "train_one_epoch", ctrl_c_in_epoch_2)
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(argv)
+    return exit_info.value.code
+
+
 @pytest.fixture(scope="session")
 def real_sample() -> Path:
     if not (REAL_SAMPLE / "annotations" / "trainval.txt").is_file():

@@ -27,7 +27,7 @@ import utils
 from augment import augment_batch
 from batches import TrainBatches
 from cache import load_or_build
-from conftest import SRC
+from conftest import SRC, train_with_ctrl_c_in_epoch_2
 from evaluate import evaluate
 from models import build_model
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, crop_source_size, load_dataset
@@ -170,20 +170,8 @@ def test_every_loader_works_with_the_spawn_start_method(synthetic_pets: Path, tm
 
 def interrupted_run(synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A 2-epoch run stopped by Ctrl-C in epoch 2: its last.pt holds the end of epoch 1."""
-    real_epoch, calls = train.train_one_epoch, []
-
-    def ctrl_c_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_one_epoch", ctrl_c_in_epoch_2)
-    with pytest.raises(SystemExit):
-        train.main(
-            ["--data_path", str(synthetic_pets), "-e", "2", *FAST, "--save-dir", str(tmp_path), "--run-name", "r"]
-        )
-    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    argv = ["--data_path", str(synthetic_pets), "-e", "2", *FAST, "--save-dir", str(tmp_path), "--run-name", "r"]
+    assert train_with_ctrl_c_in_epoch_2(monkeypatch, argv) == 130
     return tmp_path / "r"
 
 

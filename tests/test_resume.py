@@ -18,6 +18,7 @@ import torch
 
 import checkpoint as ckpt
 import train
+from conftest import train_with_ctrl_c_in_epoch_2
 from utils import atomic_write
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -47,23 +48,10 @@ def test_interrupted_and_resumed_run_ends_bit_identical(
     ]
     train.main([*common, "--run-name", "straight"])
 
-    real_epoch = train.train_one_epoch
-    calls = []
-
-    def ctrl_c_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_one_epoch", ctrl_c_in_epoch_2)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main([*common, "--run-name", "interrupted"])
-    assert exit_info.value.code == 130
+    assert train_with_ctrl_c_in_epoch_2(monkeypatch, [*common, "--run-name", "interrupted"]) == 130
     assert not (tmp_path / "interrupted" / "results.json").exists()
     assert torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)["epoch"] == 1
 
-    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
     train.main(["--resume", str(tmp_path / "interrupted")])
 
     straight, resumed = tmp_path / "straight", tmp_path / "interrupted"
