@@ -105,7 +105,8 @@ class TrainBatches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.dataset = source
+        # Only the count is kept: a cache moved to the GPU must not stay in the CPU's memory too.
+        self.n_images = len(source)
         self.cached = isinstance(source, CachedSplit)
         self.batch_size, self.image_size = batch_size, image_size
         self.share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
@@ -117,10 +118,10 @@ class TrainBatches:
             self.source = _DecodedSource(source, device, num_workers, seed)
 
     def __len__(self) -> int:
-        return len(self.dataset) // self.batch_size  # a last batch of one image would make BatchNorm useless
+        return self.n_images // self.batch_size  # a last batch of one image would make BatchNorm useless
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.dataset), generator=self.generator)
+        order = torch.randperm(self.n_images, generator=self.generator)
         batch_indexes = order[: len(self) * self.batch_size].split(self.batch_size)
         local = self.source.batches([index[self.share] for index in batch_indexes])
         for images, masks in local:
@@ -141,7 +142,6 @@ class EvalBatches:
         std: tuple[float, ...],
         share: range | None = None,
     ) -> None:
-        self.dataset = split
         self.indexes = torch.arange(len(split)) if share is None else torch.tensor(share, dtype=torch.int64)
         self.batch_size = batch_size
         self.mean, self.std = list(mean), list(std)

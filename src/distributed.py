@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from itertools import chain
 from typing import Any
 
 import torch
@@ -21,9 +22,9 @@ from torch import nn
 
 from utils import PetsegError, select_device
 
-# Long enough for local rank 0 to build the decode-once cache while the others wait; short enough
-# that a process left alone by a crashed peer gives up rather than hanging for good.
-TIMEOUT = timedelta(minutes=15)
+# Long enough for one process to download the dataset (800 MB) or build the decode-once cache while
+# the others wait; a process left alone by a crashed peer still gives up rather than hanging for good.
+TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,11 @@ def start(processes: Processes, device_name: str) -> torch.device:
             "torchrun trains on CUDA GPUs or CPUs; a Mac's one GPU needs no torchrun: use python src/train.py."
         )
     if device.type == "cuda":
+        if processes.local_rank >= torch.cuda.device_count():
+            raise PetsegError(
+                f"torchrun started {processes.local_world_size} processes on this machine, but it has "
+                f"{torch.cuda.device_count()} GPU(s): pass --nproc_per_node={torch.cuda.device_count()} or fewer."
+            )
         device = torch.device("cuda", processes.local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
@@ -122,15 +128,6 @@ def concat_across(items: list[Any]) -> list[Any]:
     return [item for part in gathered for item in part]
 
 
-def any_across(flag: bool) -> bool:
-    """Whether any process says so: to stop together (a NaN loss on one is a NaN loss for all)."""
-    if not active():
-        return flag
-    tensor = torch.tensor([int(flag)], device=_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
 def broadcast(value: Any) -> Any:
     """Rank 0's value, on every process."""
     if not active():
@@ -164,26 +161,33 @@ class _GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        local = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
-        total = _SumAcross.apply(local)
-        channels = x.shape[1]
-        n = total[-1]
+        # In float32 whatever autocast made x: E[x²] - E[x]² needs the precision.
+        xf = x.float()
+        count = torch.tensor([xf.numel() / xf.shape[1]], device=x.device)
+        total = _SumAcross.apply(torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count]))
+        channels, n = x.shape[1], total[-1]
         mean = total[:channels] / n
-        var = total[channels : 2 * channels] / n - mean * mean
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        return x * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
+        var = (total[channels : 2 * channels] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean, momentum)
+                self.running_var.lerp_(var * n / (n - 1), momentum)  # unbiased, as nn.BatchNorm2d keeps it
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
 
 
 def _to_global_batch_norm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d):
-        replacement = _GlobalBatchNorm2d(module.num_features, module.eps, module.momentum).to(module.weight.device)
+        replacement = _GlobalBatchNorm2d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         replacement.load_state_dict(module.state_dict())
-        return replacement
+        return replacement.to(next(chain(module.parameters(), module.buffers()), torch.empty(0)).device)
     for name, child in module.named_children():
         setattr(module, name, _to_global_batch_norm(child))
     return module

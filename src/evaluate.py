@@ -176,11 +176,12 @@ def evaluate(
     model.eval()
     loss_sum = 0.0
     pooled, pooled_original = PooledPixels(), PooledPixels()
-    dices, originals = [], []
+    dices, originals, image_size = [], [], None
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         images = batch[0].to(device, non_blocking=True)
         masks = batch[1].to(device, non_blocking=True)
         logits = predict_logits(model, images, amp, tta)
+        image_size = tuple(images.shape[-2:])
         if loss_fn is not None:
             loss_sum += loss_fn(logits, masks).item() * len(images)
         pred, gt = logits_to_mask(logits), masks.bool()
@@ -192,7 +193,9 @@ def evaluate(
                 for logit, original in zip(logits, batch[2], strict=True)
             ]
     # Under torchrun each process scored its own share of the images: pool them, each image once.
-    per_image = torch.tensor(distributed.concat_across(torch.cat(dices).tolist()))
+    # A process may hold no image (more processes than images); it still joins every gathering.
+    per_image = torch.tensor(distributed.concat_across([dice for batch in dices for dice in batch.tolist()]))
+    image_size = next(size for size in distributed.concat_across([image_size]) if size is not None)
     originals = distributed.concat_across(originals)
     loss_sum = distributed.sum_across([loss_sum])[0]
     pooled, pooled_original = (
@@ -204,7 +207,7 @@ def evaluate(
         dataset_dice=pooled.dice,
         dataset_iou=pooled.iou,
         per_image_dice=per_image.tolist(),
-        image_size=tuple(images.shape[-2:]),
+        image_size=image_size,
         tta=tta,
         dice_original=sum(score.dice for score in originals) / len(originals) if originals else None,
         dataset_dice_original=pooled_original.dice if originals else None,
@@ -231,7 +234,9 @@ def collate_with_original_masks(
 
 
 def default_num_workers() -> int:
-    return min(8, os.cpu_count() or 1)
+    """One loader process per CPU core, at most 8, shared among the processes torchrun starts on a machine."""
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(8, (os.cpu_count() or 1) // processes_here))
 
 
 def eval_loader(

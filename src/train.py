@@ -301,8 +301,10 @@ def train_one_epoch(
             logits = model(images)
         loss = loss_fn(logits, masks)
         loss_value = loss.item()
-        if distributed.any_across(not math.isfinite(loss_value)):  # all processes stop at the same step
-            raise NonFiniteLoss(step, loss_value)
+        # Summed over processes, a NaN on any one is a NaN for all: they stop at the same step.
+        loss_everywhere = distributed.sum_across([loss_value])[0]
+        if not math.isfinite(loss_everywhere):
+            raise NonFiniteLoss(step, loss_everywhere)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -327,7 +329,10 @@ def make_loaders(args: argparse.Namespace, data_path: Path, device: torch.device
     sizes = {"train": crop_source_size(args.image_size), "valid": args.image_size}
     per_process = args.batch_size // processes.world_size
     valid_share = processes.shard(len(datasets["valid"]))
-    if not args.no_cache and cache_fits_in_memory(sum(cache_bytes(len(datasets[s]), sizes[s]) for s in sizes)):
+    needed = sum(cache_bytes(len(datasets[split]), size) for split, size in sizes.items()) * processes.local_world_size
+    # Rank 0 decides for all: processes that disagreed would wait for each other in different places.
+    use_cache = distributed.broadcast(not args.no_cache and processes.is_main and cache_fits_in_memory(needed))
+    if use_cache:
 
         def load_cache() -> dict[str, CachedSplit]:
             return {
@@ -404,12 +409,14 @@ def main(argv: list[str] | None = None) -> None:
     args, resume_from = parse_args(argv, processes)
     device = distributed.start(processes, args.device)
     # SIGTERM (a cluster's scheduler, or torchrun passing one on) stops the run as Ctrl-C does.
-    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with quiet_unless(processes.is_main):
             train_and_test(args, resume_from, device, processes)
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         distributed.stop()
 
 
@@ -421,12 +428,16 @@ def train_and_test(
     amp = args.amp if args.amp is not None else device.type == "cuda"
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
     seed_everything(args.seed)
-    data_path = prepare_dataset(args.data_path, download=not args.no_download, skip_bad=args.skip_bad)
+    # One process per machine downloads the dataset if needed; the others wait, then check it.
+    if processes.local_rank == 0:
+        prepare_dataset(args.data_path, download=not args.no_download, skip_bad=args.skip_bad)
+    distributed.barrier()
+    data_path = prepare_dataset(args.data_path, download=False, skip_bad=args.skip_bad)
 
     train_loader, valid_loader, n_valid = make_loaders(args, data_path, device, processes)
     if len(train_loader) == 0:
         raise PetsegError(
-            f"-b/--batch_size {args.batch_size} is larger than the {len(train_loader.dataset)} training images."
+            f"-b/--batch_size {args.batch_size} is larger than the {train_loader.n_images} training images."
         )
 
     model = build_model(args.network).to(device)
@@ -450,6 +461,13 @@ def train_and_test(
     else:
         run_dir = args.resume.parent
         state = resume_from["training"]
+        saved_images = state.get("train_images", train_loader.n_images)
+        if saved_images != train_loader.n_images:
+            raise PetsegError(
+                f"{display_path(run_dir)} trained on {saved_images} images, but {display_path(data_path)} now gives "
+                f"{train_loader.n_images}; its learning-rate schedule is fixed to that many steps. Resume with the "
+                "data (and --skip-bad choice) it was trained on."
+            )
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_scaler(scaler, state["scaler"])
@@ -477,7 +495,7 @@ def train_and_test(
     print(
         f"{args.network} ({n_params / 1e6:.1f}M parameters) on {device}, {describe_precision(device, amp)}"
         f"{', channels-last' if channels_last else ''}, {batch}; "
-        f"{len(train_loader.dataset)} train / {n_valid} valid images at {args.image_size}px"
+        f"{train_loader.n_images} train / {n_valid} valid images at {args.image_size}px"
         f"{'' if train_loader.cached else ', decoded every epoch'}; run folder {display_path(run_dir)}"
     )
 
@@ -543,6 +561,7 @@ def train_and_test(
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
                         "loader_generator": train_loader.generator.get_state(),
+                        "train_images": train_loader.n_images,
                         "rng": rng_states(),
                         "history": history,
                         "best_dice": best_dice,
@@ -562,8 +581,10 @@ def train_and_test(
         )
         test = evaluate(model, test_loader, device, amp=amp, loss_fn=loss_fn, desc="test")
     except KeyboardInterrupt:
-        # torchrun passes the terminal's Ctrl-C on again: a second one must not cut this message short.
+        # torchrun passes the terminal's Ctrl-C (or a scheduler's SIGTERM) on again: a second one must not
+        # cut this message short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("\nInterrupted.", file=sys.stderr)
         if finished_epoch:
             print(

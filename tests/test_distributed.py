@@ -4,6 +4,7 @@ process, one run folder, a flag error for a batch that does not split, and Ctrl-
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -17,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import distributed
 from conftest import SRC
 from evaluate import eval_loader, evaluate
 from make_synthetic_pets import make_synthetic_pets
 from models import build_model
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
-from utils import BCEDiceLoss
+from utils import BCEDiceLoss, PetsegError
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 CPU = torch.device("cpu")
@@ -69,6 +71,11 @@ WORKER = """
     optimizer.step()
     if processes.is_main:
         torch.save(distributed.unwrap(model).state_dict(), {out!r} + "/stepped.pt")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # --amp on CPUs: BatchNorm sees bfloat16
+        loss = BCEDiceLoss()(model(images[share]), masks[share])
+    loss.backward()
+    if processes.is_main:
+        json.dump({{"bf16_loss": loss.item()}}, open({out!r} + "/bf16.json", "w"))
 
     torch.manual_seed(1)
     model = distributed.wrap(build_model("resnet34_unet"), device, sync_batch_norm=True)
@@ -119,6 +126,19 @@ def test_one_ddp_step_with_sync_batch_norm_equals_one_process_with_the_whole_bat
     initial = initial.state_dict()
     moved = [key for key in expected if "running_mean" in key and not torch.equal(expected[key], initial[key])]
     assert moved, "the step must have updated BatchNorm's running statistics"
+
+
+def test_sync_batch_norm_on_cpus_trains_under_bfloat16_autocast(two_processes) -> None:
+    out, _ = two_processes
+    assert math.isfinite(json.loads((out / "bf16.json").read_text())["bf16_loss"])
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(distributed, "select_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    processes = distributed.Processes(rank=2, local_rank=2, world_size=4, local_world_size=4, launched=True)
+    with pytest.raises(PetsegError, match="--nproc_per_node=2"):
+        distributed.start(processes, "auto")
 
 
 def test_distributed_evaluation_counts_every_image_once(two_processes) -> None:

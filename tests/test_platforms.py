@@ -203,6 +203,17 @@ def test_a_run_from_a_cuda_machine_resumes_on_the_cpu(
     assert results["epochs_run"] == 2
 
 
+def test_resuming_on_a_training_set_of_another_size_is_refused(
+    synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = interrupted_run(synthetic_pets, tmp_path, monkeypatch)
+    fewer = shutil.copytree(synthetic_pets, tmp_path / "fewer")
+    lines = (fewer / "annotations" / "trainval.txt").read_text().splitlines()
+    (fewer / "annotations" / "trainval.txt").write_text("\n".join(lines[:-5]) + "\n")
+    with pytest.raises(utils.PetsegError, match="trained on 54 images, but .* now gives 49"):
+        train.main(["--resume", str(run_dir), "--data_path", str(fewer)])
+
+
 def test_the_loss_scale_carries_over_only_between_fp16_runs() -> None:
     fp16 = torch.amp.GradScaler("cpu", enabled=True)
     train.restore_scaler(fp16, {})  # from a bf16 or fp32 run: the scaler starts afresh
