@@ -165,30 +165,6 @@ def printed_test_dice(output: str) -> float:
 FLAGS = ["-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
 
 
-def test_torchrun_training_writes_one_run_that_inference_scores_alike(synthetic_pets: Path, tmp_path: Path) -> None:
-    save_dir = tmp_path / "runs"
-    result = torchrun(
-        SRC / "train.py", "--data_path", synthetic_pets, "-e", "2", *FLAGS, "--save-dir", save_dir, "--run-name", "ddp",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("Test Dice:") == 1, "only rank 0 prints"
-    assert "global batch 8 = 2 processes x 4" in result.stdout
-    assert [path.name for path in save_dir.iterdir()] == ["ddp"]
-    run_dir = save_dir / "ddp"
-    assert sorted(path.name for path in run_dir.iterdir()) == [
-        "best.pt", "curves.png", "history.csv", "last.pt", "results.json",
-    ]
-    assert len((run_dir / "history.csv").read_text().splitlines()) == 3
-    inference = subprocess.run(
-        [sys.executable, str(SRC / "inference.py"), "-m", str(run_dir), "--data_path", str(synthetic_pets),
-         "--device", "cpu", "--num-workers", "0", "-k", "0", "--worst", "0"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )
-    assert inference.returncode == 0, inference.stderr[-3000:]
-    assert printed_test_dice(inference.stdout) == printed_test_dice(result.stdout)
-
-
 def test_a_batch_that_does_not_split_over_the_processes_is_a_flag_error(synthetic_pets: Path, tmp_path: Path) -> None:
     save_dir = tmp_path / "runs"
     result = torchrun(
@@ -200,7 +176,9 @@ def test_a_batch_that_does_not_split_over_the_processes_is_a_flag_error(syntheti
     assert not save_dir.exists()
 
 
-def test_ctrl_c_stops_every_process_and_the_printed_command_resumes(synthetic_pets: Path, tmp_path: Path) -> None:
+def test_torchrun_run_stops_on_ctrl_c_resumes_and_leaves_one_run_that_inference_scores_alike(
+    synthetic_pets: Path, tmp_path: Path
+) -> None:
     save_dir = tmp_path / "runs"
     command = [*TORCHRUN, str(SRC / "train.py"), "--data_path", str(synthetic_pets), "-e", "3", *FLAGS,
                "--save-dir", str(save_dir), "--run-name", "r"]
@@ -215,16 +193,29 @@ def test_ctrl_c_stops_every_process_and_the_printed_command_resumes(synthetic_pe
         assert time.monotonic() < deadline, "epoch 1 did not finish in time"
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=120)
     assert process.returncode != 0
+    assert "global batch 8 = 2 processes x 4" in stdout
     match = re.search(r"continue with:\n\s+(.+)", stderr)
     assert match, stderr[-3000:]
     resume = shlex.split(match.group(1))
     assert resume[:3] == ["torchrun", "--standalone", "--nproc_per_node=2"]
+
     finished = subprocess.run(
         [*TORCHRUN, *resume[3:]], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert finished.stdout.count("Test Dice:") == 1
-    results = json.loads((save_dir / "r" / "results.json").read_text())
-    assert results["epochs_run"] == 3
+    assert finished.stdout.count("Test Dice:") == 1, "only rank 0 prints"
+    assert json.loads((save_dir / "r" / "results.json").read_text())["epochs_run"] == 3
+    assert [path.name for path in save_dir.iterdir()] == ["r"]
+    assert sorted(path.name for path in (save_dir / "r").iterdir()) == [
+        "best.pt", "curves.png", "history.csv", "last.pt", "results.json",
+    ]
+    assert len((save_dir / "r" / "history.csv").read_text().splitlines()) == 4
+    inference = subprocess.run(
+        [sys.executable, str(SRC / "inference.py"), "-m", str(save_dir / "r"), "--data_path", str(synthetic_pets),
+         "--device", "cpu", "--num-workers", "0", "-k", "0", "--worst", "0"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert inference.returncode == 0, inference.stderr[-3000:]
+    assert printed_test_dice(inference.stdout) == printed_test_dice(finished.stdout)

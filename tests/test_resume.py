@@ -115,7 +115,7 @@ def test_sigkill_mid_run_leaves_loadable_checkpoints_and_the_run_resumes(synthet
 
 def test_ctrl_c_saves_and_prints_the_exact_resume_command(synthetic_pets: Path, tmp_path: Path) -> None:
     # Epochs to spare: on a loaded machine the run must still be training when the signal comes.
-    process = start_training(synthetic_pets, tmp_path, 6)
+    process = start_training(synthetic_pets, tmp_path, 4)
     run_dir = tmp_path / "run"
     wait_for_epochs(run_dir, process, 1)
     process.send_signal(signal.SIGINT)
