@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -98,6 +99,14 @@ def non_negative(text: str) -> int:
     return value
 
 
+def ema_decay(text: str) -> float:
+    """argparse type: 0 (off) or a decay in (0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or between 0 and 1, e.g. 0.999; got {text}")
+    return value
+
+
 def image_size(text: str) -> int:
     value = int(text)
     if value < 32:
@@ -151,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="peak AdamW learning rate of the one-cycle schedule",
     )
     model.add_argument("--weight-decay", "--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    model.add_argument(
+        "--ema", type=ema_decay, default=0.0,
+        help="validate, keep and test an exponential moving average of the weights with this decay per step "
+        "(e.g. 0.999, warmed up over the first steps); 0 turns it off",
+    )
     model.add_argument(
         "--patience", type=non_negative, default=0,
         help="stop after this many epochs without a better valid Dice; 0 never stops early",
@@ -289,8 +303,10 @@ def train_one_epoch(
     device: torch.device,
     amp: bool,
     desc: str,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
-    """One pass over the training set; returns the mean loss and the mean per-image Dice of its batches."""
+    """One pass over the training set; returns the mean loss and the mean per-image Dice of its batches.
+    The moving average of the weights, if any, follows every step."""
     model.train()
     loss_sum, dice_sum, seen = 0.0, 0.0, 0
     progress = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
@@ -310,6 +326,8 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(distributed.unwrap(model))
         n = len(images)
         loss_sum += loss_value * n
         dice_sum += per_image_dice(logits_to_mask(logits.detach()), masks.bool()).sum().item()
@@ -386,6 +404,20 @@ def make_scheduler(
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=warmup / total)
 
 
+def moving_average(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of the model's weights and BatchNorm statistics."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], steps: torch.Tensor) -> None:
+        # Warmed up: early on the average follows the model closely, so it is useful from the first epoch.
+        weight = 1 - min(decay, (1 + steps.item()) / (10 + steps.item()))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, weight)
+        else:  # BatchNorm's step counters
+            torch._foreach_copy_(averaged, current)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
 def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
     """A run may resume with another precision (another GPU, or none): only a float16 run's loss
     scale carries over to a float16 run; otherwise the scaler starts afresh or stays off."""
@@ -442,9 +474,11 @@ def train_and_test(
 
     model = build_model(args.network).to(device)
     if resume_from is not None:
-        model.load_state_dict(resume_from["model_state"])
+        # With --ema, model_state holds the average (what best.pt and inference use); the raw weights are apart.
+        model.load_state_dict(resume_from["training"].get("raw_model", resume_from["model_state"]))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = moving_average(model, args.ema) if args.ema else None
     model = distributed.wrap(model, device, args.sync_bn)
     if args.compile:
         model = torch.compile(model)  # after DDP wrapping, as torch's DDP notes advise
@@ -471,6 +505,8 @@ def train_and_test(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_scaler(scaler, state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         train_loader.generator.set_state(state["loader_generator"])
         restore_rng_states(state["rng"])
         history, best_dice, best_epoch = state["history"], state["best_dice"], state["best_epoch"]
@@ -499,11 +535,15 @@ def train_and_test(
         f"{'' if train_loader.cached else ', decoded every epoch'}; run folder {display_path(run_dir)}"
     )
 
+    def validated() -> nn.Module:
+        """The weights that are validated, kept in best.pt and tested: the moving average with --ema."""
+        return ema.module if ema is not None else distributed.unwrap(model)
+
     def checkpoint_contents(epoch: int, valid_dice: float) -> dict:
         return {
             "network": args.network,
             "model_kwargs": {},
-            "model_state": distributed.unwrap(model).state_dict(),
+            "model_state": validated().state_dict(),
             "image_size": args.image_size,
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
@@ -522,10 +562,11 @@ def train_and_test(
             epoch_start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             train = train_one_epoch(
-                model, train_loader, optimizer, scheduler, scaler, loss_fn, device, amp, f"epoch {epoch}/{args.epochs}"
+                model, train_loader, optimizer, scheduler, scaler, loss_fn, device, amp, f"epoch {epoch}/{args.epochs}",
+                ema,
             )
             # Every process scores its share of the valid images; the scores are pooled, so all agree.
-            valid = evaluate(model, valid_loader, device, amp=amp, loss_fn=loss_fn, desc="valid")
+            valid = evaluate(validated(), valid_loader, device, amp=amp, loss_fn=loss_fn, desc="valid")
             history.append({
                 "epoch": epoch,
                 "lr": lr,
@@ -567,19 +608,21 @@ def train_and_test(
                         "best_dice": best_dice,
                         "best_epoch": best_epoch,
                     }
+                    if ema is not None:  # model_state holds the average; resuming needs the raw weights too
+                        training_state.update(ema=ema.state_dict(), raw_model=distributed.unwrap(model).state_dict())
                     ckpt.save_checkpoint(
                         run_dir / ckpt.LAST_NAME, **checkpoint_contents(epoch, valid.dice), training=training_state
                     )
                 finished_epoch = epoch
         distributed.barrier()  # best.pt is written
         checkpoint = ckpt.load_checkpoint(run_dir / ckpt.BEST_NAME)
-        distributed.unwrap(model).load_state_dict(checkpoint["model_state"])
+        validated().load_state_dict(checkpoint["model_state"])
         # Decoded afresh, once, to also score each image at its own size; the same loader inference.py uses.
         test_loader = eval_loader(
             data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.batch_size // processes.world_size,
             args.num_workers, device, skip_bad=args.skip_bad, original_masks=True, shard=processes.shard,
         )
-        test = evaluate(model, test_loader, device, amp=amp, loss_fn=loss_fn, desc="test")
+        test = evaluate(validated(), test_loader, device, amp=amp, loss_fn=loss_fn, desc="test")
     except KeyboardInterrupt:
         # torchrun passes the terminal's Ctrl-C (or a scheduler's SIGTERM) on again: a second one must not
         # cut this message short.
