@@ -2,9 +2,10 @@
 
 One grid_sample per batch: random resized crop, horizontal flip and rotation composed into one
 affine map per image, sampled bilinearly for images and nearest for masks (so masks stay exactly
-0/1), then brightness, contrast and saturation jitter with a factor per image. The ranges are
-oxford_pet's constants. Choices are drawn apart from applying them, so that processes training
-together can draw for the whole global batch, in step, and each apply its own share.
+0/1), then brightness, contrast and saturation jitter with a factor per image. The ranges are an
+oxford_pet.Augmentation (light, default or strong). Choices are drawn apart from applying them, so
+that processes training together can draw for the whole global batch, in step, and each apply its
+own share.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from oxford_pet import CROP_RATIO, CROP_SCALE, JITTER, ROTATION_DEGREES
+from oxford_pet import DEFAULT_AUGMENTATION, Augmentation
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
@@ -25,15 +26,18 @@ def _uniform(low: float, high: float, n: int, generator: torch.Generator) -> tor
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
-def sample_crops(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_crops(
+    n: int, generator: torch.Generator, recipe: Augmentation = DEFAULT_AUGMENTATION
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """RandomResizedCrop's choice for n square images, in fractions of the side: centre x, y, width, height.
 
     As torchvision does: up to 10 tries of area and log-uniform aspect ratio, the first that fits
     wins, else the whole image.
     """
     tries = 10
-    area = _uniform(*CROP_SCALE, n * tries, generator).view(n, tries)
-    log_ratio = _uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), n * tries, generator).view(n, tries)
+    area = _uniform(*recipe.crop_scale, n * tries, generator).view(n, tries)
+    low, high = (math.log(ratio) for ratio in recipe.crop_ratio)
+    log_ratio = _uniform(low, high, n * tries, generator).view(n, tries)
     ratio = torch.exp(log_ratio)
     width, height = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
     fits = (width <= 1) & (height <= 1)
@@ -45,12 +49,14 @@ def sample_crops(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
     return cx, cy, width, height
 
 
-def sample_geometry(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_geometry(
+    n: int, generator: torch.Generator, recipe: Augmentation = DEFAULT_AUGMENTATION
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps (n, 2, 3) from output to input coordinates (both in [-1, 1]) for crop, then flip, then
     rotation; and the rotations alone, which tell where torchvision's rotation would fill with 0."""
-    cx, cy, width, height = sample_crops(n, generator)
+    cx, cy, width, height = sample_crops(n, generator, recipe)
     flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    angle = torch.deg2rad(_uniform(-ROTATION_DEGREES, ROTATION_DEGREES, n, generator))
+    angle = torch.deg2rad(_uniform(-recipe.rotation_degrees, recipe.rotation_degrees, n, generator))
     rotation = torch.zeros(n, 2, 3)
     rotation[:, 0, 0], rotation[:, 0, 1] = torch.cos(angle), -torch.sin(angle)
     rotation[:, 1, 0], rotation[:, 1, 1] = torch.sin(angle), torch.cos(angle)
@@ -62,7 +68,7 @@ def sample_geometry(n: int, generator: torch.Generator) -> tuple[torch.Tensor, t
 
 
 @dataclass
-class Augmentation:
+class Choices:
     """The random choices for a batch: geometry (crop, flip, rotation) and colour factors per image."""
 
     theta: torch.Tensor  # (n, 2, 3) output -> input coordinates
@@ -71,22 +77,25 @@ class Augmentation:
     contrast: torch.Tensor
     saturation: torch.Tensor
 
-    def __getitem__(self, index: slice) -> Augmentation:
+    def __getitem__(self, index: slice) -> Choices:
         """The choices of some of the images, e.g. one process's share of a global batch."""
-        return Augmentation(*(getattr(self, f.name)[index] for f in fields(self)))
+        return Choices(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
-def sample_augmentation(n: int, generator: torch.Generator) -> Augmentation:
+def sample_augmentation(
+    n: int, generator: torch.Generator, recipe: Augmentation = DEFAULT_AUGMENTATION
+) -> Choices:
     """Draw the choices for n images from `generator` (a CPU generator, so a run can be resumed exactly)."""
-    theta, rotation = sample_geometry(n, generator)
-    brightness, contrast, saturation = (_uniform(1 - JITTER, 1 + JITTER, n, generator) for _ in range(3))
-    return Augmentation(theta, rotation, brightness, contrast, saturation)
+    theta, rotation = sample_geometry(n, generator, recipe)
+    jitter = recipe.jitter
+    brightness, contrast, saturation = (_uniform(1 - jitter, 1 + jitter, n, generator) for _ in range(3))
+    return Choices(theta, rotation, brightness, contrast, saturation)
 
 
 def apply_augmentation(
     images: torch.Tensor,
     masks: torch.Tensor,
-    choices: Augmentation,
+    choices: Choices,
     size: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
@@ -121,6 +130,8 @@ def augment_batch(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     generator: torch.Generator,
+    recipe: Augmentation = DEFAULT_AUGMENTATION,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a whole batch: sample_augmentation, then apply_augmentation."""
-    return apply_augmentation(images, masks, sample_augmentation(len(images), generator), size, mean, std)
+    choices = sample_augmentation(len(images), generator, recipe)
+    return apply_augmentation(images, masks, choices, size, mean, std)

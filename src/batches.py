@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 
 from augment import apply_augmentation, sample_augmentation
 from cache import CachedSplit, fits_on_device
+from oxford_pet import DEFAULT_AUGMENTATION, Augmentation
 
 UInt8Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -85,7 +86,8 @@ class _DecodedSource:
 class TrainBatches:
     """Shuffled, augmented training batches on `device`; iterates like a DataLoader with drop_last.
 
-    `source` is a cached split or a dataset of uint8 pairs (build_transform(train=True)). `generator`
+    `source` is a cached split or a dataset of uint8 pairs (build_transform(train=True)), at the crop
+    source size of `augmentation`, the ranges the batches are augmented with. `generator`
     drives shuffling and augmentation; saving its state in last.pt makes a resumed run exact.
     Processes training together (rank of world_size) hold the same generator and draw in step for
     the whole global batch of `batch_size` images, each taking its own share: together they see
@@ -104,6 +106,7 @@ class TrainBatches:
         num_workers: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        augmentation: Augmentation = DEFAULT_AUGMENTATION,
     ) -> None:
         # Only the count is kept: a cache moved to the GPU must not stay in the CPU's memory too.
         self.n_images = len(source)
@@ -111,6 +114,7 @@ class TrainBatches:
         self.batch_size, self.image_size = batch_size, image_size
         self.share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.mean, self.std = list(mean), list(std)
+        self.augmentation = augmentation
         self.generator = torch.Generator().manual_seed(seed)
         if self.cached:
             self.source = _CachedSource(source, device)
@@ -125,7 +129,7 @@ class TrainBatches:
         batch_indexes = order[: len(self) * self.batch_size].split(self.batch_size)
         local = self.source.batches([index[self.share] for index in batch_indexes])
         for images, masks in local:
-            choices = sample_augmentation(self.batch_size, self.generator)[self.share]
+            choices = sample_augmentation(self.batch_size, self.generator, self.augmentation)[self.share]
             yield apply_augmentation(images, masks, choices, self.image_size, self.mean, self.std)
 
 

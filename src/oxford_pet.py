@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,18 +31,29 @@ ARCHIVE_URLS = (
 
 TRIMAP_PET, TRIMAP_BACKGROUND, TRIMAP_BORDER = 1, 2, 3
 
-# The training augmentation's ranges; augment.py applies them to whole batches on the training device.
-CROP_SCALE = (0.5, 1.0)  # area of the random crop, as a fraction of the image
-CROP_RATIO = (3 / 4, 4 / 3)
-ROTATION_DEGREES = 10.0
-JITTER = 0.3  # brightness, contrast and saturation factors are drawn from [1 - JITTER, 1 + JITTER]
+@dataclass(frozen=True)
+class Augmentation:
+    """The training augmentation's ranges; augment.py applies them to whole batches on the training device."""
+
+    crop_scale: tuple[float, float]  # area of the random crop, as a fraction of the image
+    crop_ratio: tuple[float, float]  # its aspect ratio, width / height
+    rotation_degrees: float  # drawn from [-degrees, degrees]
+    jitter: float  # brightness, contrast and saturation factors are drawn from [1 - jitter, 1 + jitter]
 
 
-def crop_source_size(image_size: int) -> int:
+AUGMENTATIONS = {
+    "light": Augmentation(crop_scale=(0.8, 1.0), crop_ratio=(3 / 4, 4 / 3), rotation_degrees=0.0, jitter=0.0),
+    "default": Augmentation(crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), rotation_degrees=10.0, jitter=0.3),
+    "strong": Augmentation(crop_scale=(0.3, 1.0), crop_ratio=(2 / 3, 3 / 2), rotation_degrees=20.0, jitter=0.4),
+}
+DEFAULT_AUGMENTATION = AUGMENTATIONS["default"]
+
+
+def crop_source_size(image_size: int, augmentation: Augmentation = DEFAULT_AUGMENTATION) -> int:
     """Side of the square image that training crops are taken from: a square crop of the smallest
-    area (CROP_SCALE[0]) still has image_size pixels a side. The narrowest crops of that area (aspect
-    CROP_RATIO's ends) are stretched by up to 1 / sqrt(CROP_RATIO[0]) = 1.15x along their short side."""
-    return math.ceil(image_size / math.sqrt(CROP_SCALE[0]))
+    area (crop_scale[0]) still has image_size pixels a side. The narrowest crops of that area (the
+    ends of crop_ratio, 3:4 by default) are stretched along their short side, by up to 1.15x."""
+    return math.ceil(image_size / math.sqrt(augmentation.crop_scale[0]))
 
 
 class DatasetError(PetsegError):
@@ -264,6 +276,7 @@ def build_transform(
     image_size: int = 256,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    augmentation: Augmentation = DEFAULT_AUGMENTATION,
 ) -> v2.Transform:
     """Transforms on (Image, Mask) pairs; geometry is applied to both (masks with nearest interpolation).
 
@@ -273,7 +286,7 @@ def build_transform(
     both, so cached and per-image training see the same augmentation.
     """
     if train:
-        source = crop_source_size(image_size)
+        source = crop_source_size(image_size, augmentation)
         return v2.Resize((source, source), antialias=True)
     return v2.Compose([v2.Resize((image_size, image_size), antialias=True), *to_model_input(mean, std)])
 
@@ -328,11 +341,18 @@ class OxfordPetSegmentation(Dataset):
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
 
-def load_dataset(data_path: Path, mode: str, image_size: int = 256, skip_bad: bool = False) -> OxfordPetSegmentation:
+def load_dataset(
+    data_path: Path,
+    mode: str,
+    image_size: int = 256,
+    skip_bad: bool = False,
+    augmentation: Augmentation = DEFAULT_AUGMENTATION,
+) -> OxfordPetSegmentation:
     """The lab template's entry point: the `mode` split with the recipe's transform.
 
     valid and test give normalised float images (3, S, S) and float {0, 1} masks (1, S, S); train
-    gives uint8 pairs at crop_source_size(S), which augment.augment_batch turns into model input.
+    gives uint8 pairs at crop_source_size(S, augmentation), which augment.augment_batch turns into
+    model input.
     """
-    transform = build_transform(train=mode == "train", image_size=image_size)
+    transform = build_transform(train=mode == "train", image_size=image_size, augmentation=augmentation)
     return OxfordPetSegmentation(data_path, mode, transform, skip_bad=skip_bad)

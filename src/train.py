@@ -40,6 +40,7 @@ from distributed import Processes
 from evaluate import default_num_workers, eval_loader, evaluate, format_result
 from models import MODEL_NAMES, build_model
 from oxford_pet import (
+    AUGMENTATIONS,
     DEFAULT_DATA_PATH,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -160,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="peak AdamW learning rate of the one-cycle schedule",
     )
     model.add_argument("--weight-decay", "--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    model.add_argument(
+        "--augment", default="default", choices=AUGMENTATIONS,
+        help="strength of the training augmentation: light (flip and crops of 80-100%% of the area), default "
+        "(flip, crops of 50-100%%, rotation up to 10 degrees, colour jitter 30%%) or strong (crops of 30-100%% "
+        "at aspect 2:3 to 3:2, rotation up to 20 degrees, jitter 40%%)",
+    )
     model.add_argument(
         "--ema", type=ema_decay, default=0.0,
         help="validate, keep and test an exponential moving average of the weights with this decay per step "
@@ -341,10 +348,12 @@ def make_loaders(args: argparse.Namespace, data_path: Path, device: torch.device
     """Train and valid batches, and the number of valid images. From the decode-once cache unless --no-cache,
     or it would not fit in memory; either way the training augmentation runs on whole batches on `device`
     (batches.TrainBatches). Each process gets its share of every training batch and of the valid images."""
+    augmentation = AUGMENTATIONS[args.augment]
     datasets = {
-        split: load_dataset(data_path, split, args.image_size, skip_bad=args.skip_bad) for split in ("train", "valid")
+        split: load_dataset(data_path, split, args.image_size, args.skip_bad, augmentation)
+        for split in ("train", "valid")
     }
-    sizes = {"train": crop_source_size(args.image_size), "valid": args.image_size}
+    sizes = {"train": crop_source_size(args.image_size, augmentation), "valid": args.image_size}
     per_process = args.batch_size // processes.world_size
     valid_share = processes.shard(len(datasets["valid"]))
     needed = sum(cache_bytes(len(datasets[split]), size) for split, size in sizes.items()) * processes.local_world_size
@@ -377,7 +386,7 @@ def make_loaders(args: argparse.Namespace, data_path: Path, device: torch.device
         )
     train_loader = TrainBatches(
         train_source, args.batch_size, device, args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.seed,
-        args.num_workers, processes.rank, processes.world_size,
+        args.num_workers, processes.rank, processes.world_size, augmentation,
     )
     return train_loader, valid_loader, len(datasets["valid"])
 

@@ -12,13 +12,23 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
-from augment import augment_batch, sample_crops
+import train
+from augment import augment_batch, sample_augmentation, sample_crops
 from batches import EvalBatches
 from cache import load_or_build
-from oxford_pet import CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, OxfordPetSegmentation, load_dataset
+from oxford_pet import (
+    AUGMENTATIONS,
+    DEFAULT_AUGMENTATION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OxfordPetSegmentation,
+    crop_source_size,
+    load_dataset,
+)
 from test_data import _agreement_away_from_edges, _asymmetric_pair
 
 CPU = torch.device("cpu")
+CROP_SCALE, CROP_RATIO = DEFAULT_AUGMENTATION.crop_scale, DEFAULT_AUGMENTATION.crop_ratio
 
 
 @pytest.mark.parametrize("split", ["valid", "test"])
@@ -110,3 +120,32 @@ def test_batched_crops_follow_random_resized_crop_ranges() -> None:
     assert abs(area.mean() - reference_area.mean()) < 0.01
     assert abs(area.std() - reference_area.std()) < 0.01
     assert abs(ratio.log().mean() - reference_ratio.log().mean()) < 0.01
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_every_augmentation_strength_draws_inside_its_ranges(name: str) -> None:
+    recipe = AUGMENTATIONS[name]
+    choices = sample_augmentation(5000, torch.Generator().manual_seed(1), recipe)
+    cx, cy, width, height = sample_crops(5000, torch.Generator().manual_seed(1), recipe)
+    area = width * height
+    assert area.min() >= recipe.crop_scale[0] - 1e-6 and area.max() <= recipe.crop_scale[1] + 1e-6
+    angles = torch.rad2deg(torch.atan2(choices.rotation[:, 1, 0], choices.rotation[:, 0, 0])).abs()
+    assert angles.max() <= recipe.rotation_degrees + 1e-4
+    for factor in (choices.brightness, choices.contrast, choices.saturation):
+        assert (factor - 1).abs().max() <= recipe.jitter + 1e-6
+    if recipe.rotation_degrees:
+        assert angles.max() > recipe.rotation_degrees * 0.9, "the range is used, not just bounded"
+
+
+def test_a_light_augmentation_run_trains_from_its_own_smaller_cache(
+    synthetic_pets: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    train.main([
+        "--data_path", str(synthetic_pets), "-e", "1", "-b", "8", "--image-size", "32", "--num-workers", "0",
+        "--device", "cpu", "--augment", "light", "--save-dir", str(tmp_path), "--run-name", "light",
+        "--cache-dir", str(tmp_path / "cache"),
+    ])
+    assert (tmp_path / "light" / "results.json").exists()
+    light_source = crop_source_size(32, AUGMENTATIONS["light"])
+    assert light_source < crop_source_size(32)
+    assert any(f"-train-{light_source}-" in path.name for path in (tmp_path / "cache").iterdir())
