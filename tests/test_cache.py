@@ -16,6 +16,7 @@ import train
 from augment import augment_batch, sample_augmentation, sample_crops
 from batches import EvalBatches
 from cache import load_or_build
+from distributed import Processes
 from oxford_pet import (
     AUGMENTATIONS,
     DEFAULT_AUGMENTATION,
@@ -137,15 +138,15 @@ def test_every_augmentation_strength_draws_inside_its_ranges(name: str) -> None:
         assert angles.max() > recipe.rotation_degrees * 0.9, "the range is used, not just bounded"
 
 
-def test_a_light_augmentation_run_trains_from_its_own_smaller_cache(
-    synthetic_pets: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    train.main([
-        "--data_path", str(synthetic_pets), "-e", "1", "-b", "8", "--image-size", "32", "--num-workers", "0",
-        "--device", "cpu", "--augment", "light", "--save-dir", str(tmp_path), "--run-name", "light",
-        "--cache-dir", str(tmp_path / "cache"),
+def test_the_augment_flag_reaches_the_cache_and_the_batches(synthetic_pets: Path, tmp_path: Path) -> None:
+    args = train.build_parser().parse_args([
+        "--data_path", str(synthetic_pets), "-b", "8", "--image-size", "32", "--num-workers", "0",
+        "--augment", "light", "--cache-dir", str(tmp_path),
     ])
-    assert (tmp_path / "light" / "results.json").exists()
+    train_loader, _, _ = train.make_loaders(args, synthetic_pets, CPU, Processes())
     light_source = crop_source_size(32, AUGMENTATIONS["light"])
     assert light_source < crop_source_size(32)
-    assert any(f"-train-{light_source}-" in path.name for path in (tmp_path / "cache").iterdir())
+    assert any(f"-train-{light_source}-" in path.name for path in tmp_path.iterdir())
+    assert train_loader.augmentation == AUGMENTATIONS["light"]
+    images, _ = next(iter(train_loader))
+    assert images.shape == (8, 3, 32, 32)
