@@ -10,11 +10,11 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them nothing here talks t
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from itertools import chain
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from utils import PetsegError, select_device
 # Long enough for one process to download the dataset (800 MB) or build the decode-once cache while
 # the others wait; a process left alone by a crashed peer still gives up rather than hanging for good.
 TIMEOUT = timedelta(minutes=30)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,17 @@ def active() -> bool:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def first_on_each_machine(processes: Processes, work: Callable[[], T]) -> T:
+    """work() on each machine's local rank 0 while the machine's other processes wait, then on them,
+    which finds it done: a download or a cache is made once per machine, not raced for."""
+    if processes.local_rank == 0:
+        result = work()
+    barrier()
+    if processes.local_rank != 0:
+        result = work()
+    return result
 
 
 def _device() -> torch.device:

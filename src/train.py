@@ -34,7 +34,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import distributed
 from batches import EvalBatches, TrainBatches
-from cache import DEFAULT_CACHE_DIR, CachedSplit, cache_bytes, cache_fits_in_memory, load_or_build
+from cache import DEFAULT_CACHE_DIR, cache_bytes, cache_fits_in_memory, load_or_build
 from cli import argument_parser
 from distributed import Processes
 from evaluate import default_num_workers, eval_loader, evaluate, format_result
@@ -360,19 +360,10 @@ def make_loaders(args: argparse.Namespace, data_path: Path, device: torch.device
     # Rank 0 decides for all: processes that disagreed would wait for each other in different places.
     use_cache = distributed.broadcast(not args.no_cache and processes.is_main and cache_fits_in_memory(needed))
     if use_cache:
-
-        def load_cache() -> dict[str, CachedSplit]:
-            return {
-                split: load_or_build(data, sizes[split], args.cache_dir, args.num_workers)
-                for split, data in datasets.items()
-            }
-
-        # One process per machine builds the cache while the others wait; then they load it.
-        if processes.local_rank == 0:
-            cached = load_cache()
-        distributed.barrier()
-        if processes.local_rank != 0:
-            cached = load_cache()
+        cached = distributed.first_on_each_machine(processes, lambda: {
+            split: load_or_build(data, sizes[split], args.cache_dir, args.num_workers)
+            for split, data in datasets.items()
+        })
         train_source = cached["train"]
         valid_loader = EvalBatches(cached["valid"], per_process, device, IMAGENET_MEAN, IMAGENET_STD, valid_share)
     else:
@@ -469,11 +460,9 @@ def train_and_test(
     amp = args.amp if args.amp is not None else device.type == "cuda"
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
     seed_everything(args.seed)
-    # One process per machine downloads the dataset if needed; the others wait, then check it.
-    if processes.local_rank == 0:
-        prepare_dataset(args.data_path, download=not args.no_download, skip_bad=args.skip_bad)
-    distributed.barrier()
-    data_path = prepare_dataset(args.data_path, download=False, skip_bad=args.skip_bad)
+    data_path = distributed.first_on_each_machine(
+        processes, lambda: prepare_dataset(args.data_path, download=not args.no_download, skip_bad=args.skip_bad)
+    )
 
     train_loader, valid_loader, n_valid = make_loaders(args, data_path, device, processes)
     if len(train_loader) == 0:
