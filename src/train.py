@@ -39,6 +39,7 @@ from cli import argument_parser
 from distributed import Processes
 from evaluate import default_num_workers, eval_loader, evaluate, format_result
 from models import MODEL_NAMES, build_model
+from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
 from oxford_pet import (
     AUGMENTATIONS,
     DEFAULT_DATA_PATH,
@@ -50,11 +51,13 @@ from oxford_pet import (
 )
 from plots import plot_learning_curves
 from utils import (
+    LOSS_WEIGHTS,
     REPO_ROOT,
     BCEDiceLoss,
     PetsegError,
     atomic_write,
     autocast,
+    auxiliary_loss,
     describe_precision,
     display_path,
     logits_to_mask,
@@ -151,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("-n", "--network", default="resnet34_unet", choices=MODEL_NAMES, help="architecture")
+    model.add_argument(
+        "--deep-supervision", action=argparse.BooleanOptionalAction, default=False,
+        help="also train 1x1 heads on the coarser decoder stages, their loss halving per stage (training only; "
+        "the checkpoint predicts as without them)",
+    )
+    model.add_argument(
+        "--decoder-channels", type=positive(int), nargs=5, default=None, metavar="C",
+        help=f"resnet34_unet only: widths of the 5 decoder blocks, coarse to fine "
+        f"(default: {' '.join(map(str, DEFAULT_DECODER_CHANNELS))})",
+    )
+    model.add_argument(
+        "--full-res-skip", action=argparse.BooleanOptionalAction, default=False,
+        help="resnet34_unet only: give the last decoder block a skip from the input image at full resolution "
+        "(its encoder starts at half resolution)",
+    )
     model.add_argument("-e", "--epochs", type=positive(int), default=200, help="training epochs")
     model.add_argument(
         "-b", "--batch_size", "--batch-size", type=positive(int), default=32,
@@ -161,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="peak AdamW learning rate of the one-cycle schedule",
     )
     model.add_argument("--weight-decay", "--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    model.add_argument(
+        "--loss", default="bce+dice", choices=LOSS_WEIGHTS,
+        help="training loss: BCE plus soft Dice per image, or either alone",
+    )
     model.add_argument(
         "--augment", default="default", choices=AUGMENTATIONS,
         help="strength of the training augmentation: light (flip and crops of 80-100%% of the area), default "
@@ -264,6 +286,10 @@ def parse_args(
             f"--data_path {args.data_path} is not a folder. Point it at the folder holding images/ and "
             f"annotations/, or leave it out to use (and on first use download) {DEFAULT_DATA_PATH}."
         )
+    if args.network != "resnet34_unet":
+        for flag, value in (("--decoder-channels", args.decoder_channels), ("--full-res-skip", args.full_res_skip)):
+            if value:
+                parser.error(f"{flag} shapes the resnet34_unet decoder; drop it for -n {args.network}.")
     if args.batch_size % processes.world_size:
         parser.error(
             f"-b/--batch_size {args.batch_size} is the images of one optimiser step, split evenly over the "
@@ -271,6 +297,15 @@ def parse_args(
             f"Use a multiple of {processes.world_size}."
         )
     return args, resume_from
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """The architecture's options from the flags, as plain types (the checkpoint keeps them for inference)."""
+    kwargs: dict = {"deep_supervision": args.deep_supervision}
+    if args.network == "resnet34_unet":
+        kwargs["decoder_channels"] = list(args.decoder_channels or DEFAULT_DECODER_CHANNELS)
+        kwargs["full_resolution_skip"] = args.full_res_skip
+    return kwargs
 
 
 def make_run_dir(save_dir: Path, name: str) -> Path:
@@ -321,8 +356,10 @@ def train_one_epoch(
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits = model(images)
-        loss = loss_fn(logits, masks)
+            outputs = model(images)
+        # With --deep-supervision a model in training mode also returns its coarser stages' logits.
+        logits, aux_logits = outputs if isinstance(outputs, tuple) else (outputs, [])
+        loss = loss_fn(logits, masks) + auxiliary_loss(loss_fn, aux_logits, masks)
         loss_value = loss.item()
         # Summed over processes, a NaN on any one is a NaN for all: they stop at the same step.
         loss_everywhere = distributed.sum_across([loss_value])[0]
@@ -470,7 +507,7 @@ def train_and_test(
             f"-b/--batch_size {args.batch_size} is larger than the {train_loader.n_images} training images."
         )
 
-    model = build_model(args.network).to(device)
+    model = build_model(args.network, **model_kwargs(args)).to(device)
     if resume_from is not None:
         # With --ema, model_state holds the average (what best.pt and inference use); the raw weights are apart.
         model.load_state_dict(resume_from["training"].get("raw_model", resume_from["model_state"]))
@@ -483,7 +520,7 @@ def train_and_test(
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.learning_rate, args.epochs, len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(device, amp))
-    loss_fn = BCEDiceLoss()
+    loss_fn = BCEDiceLoss(*LOSS_WEIGHTS[args.loss])
 
     history: list[dict] = []
     best_dice, best_epoch, start_epoch = -1.0, 0, 1
@@ -540,7 +577,7 @@ def train_and_test(
     def checkpoint_contents(epoch: int, valid_dice: float) -> dict:
         return {
             "network": args.network,
-            "model_kwargs": {},
+            "model_kwargs": model_kwargs(args),
             "model_state": validated().state_dict(),
             "image_size": args.image_size,
             "mean": list(IMAGENET_MEAN),

@@ -79,7 +79,12 @@ def dice_score(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> float:
 
 
 class BCEDiceLoss(nn.Module):
-    """BCE-with-logits (pixel accuracy) plus soft Dice (overlap, insensitive to how big the pet is)."""
+    """BCE-with-logits (pixel accuracy) plus soft Dice (overlap, insensitive to how big the pet is),
+    each with a weight: (1, 1) is the recipe; (1, 0) and (0, 1) are BCE and soft Dice alone."""
+
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0) -> None:
+        super().__init__()
+        self.bce_weight, self.dice_weight = bce_weight, dice_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -88,7 +93,20 @@ class BCEDiceLoss(nn.Module):
         target = target.flatten(1)
         # The +1 keeps images without a pet from dividing by zero and lets them score 1 when predicted empty.
         soft_dice = (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
-        return bce + (1 - soft_dice).mean()
+        return self.bce_weight * bce + self.dice_weight * (1 - soft_dice).mean()
+
+
+LOSS_WEIGHTS = {"bce+dice": (1.0, 1.0), "bce": (1.0, 0.0), "dice": (0.0, 1.0)}  # (BCE, soft Dice)
+
+
+def auxiliary_loss(loss_fn: nn.Module, aux_logits: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor | float:
+    """Deep supervision: the loss of each coarser decoder stage's logits, upsampled to the target's size,
+    weighted 1/2 for the finest and halving per stage down (0 when there are none)."""
+    total = 0.0
+    for depth, logits in enumerate(reversed(aux_logits), start=1):
+        upsampled = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+        total = total + 0.5**depth * loss_fn(upsampled, target)
+    return total
 
 
 # ----------------------------------------------------------------------------- devices and precision

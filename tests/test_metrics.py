@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from evaluate import collate_with_original_masks, evaluate, format_result, predict_logits, resize_logits
-from utils import BCEDiceLoss, dice_score, logits_to_mask, per_image_dice
+from utils import LOSS_WEIGHTS, BCEDiceLoss, auxiliary_loss, dice_score, logits_to_mask, per_image_dice
 
 
 def masks(*rows: list[list[int]]) -> torch.Tensor:
@@ -134,3 +134,24 @@ def test_resize_logits_keeps_a_same_size_input_untouched() -> None:
     logits = torch.randn(1, 1, 5, 7)
     assert resize_logits(logits, (5, 7)) is logits
     assert resize_logits(logits, (13, 3)).shape == (1, 1, 13, 3)
+
+
+def test_loss_weights_give_bce_or_soft_dice_alone() -> None:
+    logits = torch.randn(3, 1, 8, 8)
+    target = (torch.rand(3, 1, 8, 8) > 0.5).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits).flatten(1)
+    soft_dice = (2 * (prob * target.flatten(1)).sum(1) + 1) / (prob.sum(1) + target.flatten(1).sum(1) + 1)
+    assert BCEDiceLoss(*LOSS_WEIGHTS["bce"])(logits, target) == pytest.approx(bce.item(), rel=1e-6)
+    assert BCEDiceLoss(*LOSS_WEIGHTS["dice"])(logits, target) == pytest.approx(1 - soft_dice.mean().item(), rel=1e-6)
+    both = BCEDiceLoss(*LOSS_WEIGHTS["bce+dice"])(logits, target)
+    assert both == pytest.approx(bce.item() + 1 - soft_dice.mean().item(), rel=1e-6)
+
+
+def test_auxiliary_losses_are_upsampled_and_halve_per_stage_down() -> None:
+    loss = BCEDiceLoss()
+    target = (torch.rand(2, 1, 16, 16) > 0.5).float()
+    coarse, fine = torch.full((2, 1, 4, 4), -1.0), torch.full((2, 1, 8, 8), 2.0)  # constant maps upsample exactly
+    expected = 0.25 * loss(torch.full_like(target, -1.0), target) + 0.5 * loss(torch.full_like(target, 2.0), target)
+    assert auxiliary_loss(loss, [coarse, fine], target) == pytest.approx(expected.item(), rel=1e-6)
+    assert auxiliary_loss(loss, [], target) == 0

@@ -93,3 +93,29 @@ def test_flop_count_is_two_per_multiply_add_and_needs_no_real_weights() -> None:
         conv = nn.Conv2d(3, 1, kernel_size=1, bias=False)
         assert count_flops(conv, image_size=8) == 2 * 3 * 8 * 8
     assert count_parameters(conv) == 3
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_deep_supervision_adds_coarse_heads_in_training_only(name: str) -> None:
+    torch.manual_seed(0)
+    plain = build_model(name).eval()
+    torch.manual_seed(0)
+    supervised = build_model(name, deep_supervision=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        # Same seed, same shared weights: in eval mode the heads change nothing.
+        assert torch.equal(supervised.eval()(x), plain(x))
+    logits, aux = supervised.train()(x)
+    assert logits.shape == (2, 1, 64, 64)
+    # Coarse to fine, every decoder stage below the output's resolution.
+    expected = [8, 16, 32] if name == "unet" else [4, 8, 16, 32]
+    assert [a.shape[-1] for a in aux] == expected and all(a.shape[:2] == (2, 1) for a in aux)
+
+
+def test_full_resolution_skip_feeds_the_last_decoder_block_from_the_input() -> None:
+    model = ResNet34UNet(full_resolution_skip=True, decoder_channels=(64, 32, 16, 16, 8)).eval()
+    assert model.decoder[-1].conv[0].in_channels == 16 + 8
+    x = torch.randn(1, 3, 65, 97, requires_grad=True)
+    model(x).sum().backward()
+    assert model.input_skip[0].weight.grad.abs().sum() > 0
+    assert ResNet34UNet().input_skip is None and ResNet34UNet().decoder[-1].conv[0].in_channels == 32

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import DoubleConv, init_weights
+from .unet import DoubleConv, auxiliary_heads, init_weights
 
 
 class BasicBlock(nn.Module):
@@ -88,31 +88,46 @@ DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
 class ResNet34UNet(nn.Module):
-    """UNet decoder on a ResNet34 encoder, returning logits at the input's size."""
+    """UNet decoder on a ResNet34 encoder, returning logits at the input's size.
+
+    The encoder's first features are at half resolution (its 7x7 stride-2 stem), so the last decoder
+    block has no skip unless full_resolution_skip adds one: a DoubleConv on the input image, as wide
+    as that block. deep_supervision works as in UNet.
+    """
 
     def __init__(
         self,
         in_channels: int = 3,
         out_channels: int = 1,
         decoder_channels: tuple[int, ...] = DEFAULT_DECODER_CHANNELS,
+        full_resolution_skip: bool = False,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         if len(decoder_channels) != 5:
             raise ValueError(f"decoder_channels needs 5 widths, got {decoder_channels}")
         self.encoder = ResNet34Encoder(in_channels)
         enc = self.encoder.out_channels
-        skip_channels = (enc[3], enc[2], enc[1], enc[0], 0)
+        skip_channels = (enc[3], enc[2], enc[1], enc[0], decoder_channels[-1] if full_resolution_skip else 0)
         in_widths = (enc[4], *decoder_channels[:-1])
         self.decoder = nn.ModuleList(
             DecoderBlock(c_in, c_skip, c_out)
             for c_in, c_skip, c_out in zip(in_widths, skip_channels, decoder_channels, strict=True)
         )
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, kernel_size=1)
+        self.input_skip = DoubleConv(in_channels, decoder_channels[-1]) if full_resolution_skip else None
         init_weights(self)
+        # Made last, so that a seed starts the shared layers from the same weights with or without them.
+        self.aux_heads = auxiliary_heads(decoder_channels[:-1], out_channels, deep_supervision)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         *skips, y = self.encoder(x)
+        stages = []
         for block, skip in zip(self.decoder[:-1], reversed(skips), strict=True):
             y = block(y, skip.shape[-2:], skip)
-        y = self.decoder[-1](y, x.shape[-2:])
-        return self.head(y)
+            stages.append(y)
+        full_resolution = self.input_skip(x) if self.input_skip is not None else None
+        logits = self.head(self.decoder[-1](y, x.shape[-2:], full_resolution))
+        if self.aux_heads is None or not self.training:
+            return logits
+        return logits, [head(stage) for head, stage in zip(self.aux_heads, stages, strict=True)]

@@ -53,10 +53,25 @@ class Up(nn.Module):
         return self.conv(torch.cat([skip, x], dim=1))
 
 
-class UNet(nn.Module):
-    """4-level UNet returning logits at the input's size; H and W must be at least 16."""
+def auxiliary_heads(widths: list[int], out_channels: int, enabled: bool) -> nn.ModuleList | None:
+    """1x1 logit heads on decoder stages, for deep supervision; None when it is off."""
+    if not enabled:
+        return None
+    heads = nn.ModuleList(nn.Conv2d(width, out_channels, kernel_size=1) for width in widths)
+    init_weights(heads)
+    return heads
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, base_channels: int = 64) -> None:
+
+class UNet(nn.Module):
+    """4-level UNet returning logits at the input's size; H and W must be at least 16.
+
+    With deep_supervision, a model in training mode returns (logits, [logits of each coarser decoder
+    stage, coarse to fine]); in eval mode it returns the logits alone, as without it.
+    """
+
+    def __init__(
+        self, in_channels: int = 3, out_channels: int = 1, base_channels: int = 64, deep_supervision: bool = False
+    ) -> None:
         super().__init__()
         widths = [base_channels * 2**i for i in range(5)]
         self.inc = DoubleConv(in_channels, widths[0])
@@ -69,12 +84,19 @@ class UNet(nn.Module):
         )
         self.head = nn.Conv2d(widths[0], out_channels, kernel_size=1)
         init_weights(self)
+        # Made last, so that a seed starts the shared layers from the same weights with or without them.
+        self.aux_heads = auxiliary_heads(widths[-2:0:-1], out_channels, deep_supervision)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
         x = skips.pop()
+        stages = []
         for up in self.ups:
             x = up(x, skips.pop())
-        return self.head(x)
+            stages.append(x)
+        logits = self.head(x)
+        if self.aux_heads is None or not self.training:
+            return logits
+        return logits, [head(stage) for head, stage in zip(self.aux_heads, stages[:-1], strict=True)]
