@@ -1,4 +1,5 @@
-"""Print parameter counts and measured FLOPs of every registered model as a markdown table."""
+"""Print parameter counts and measured FLOPs of every registered model, and of the architecture options
+train.py offers, as a markdown table."""
 
 import sys
 from pathlib import Path
@@ -11,6 +12,14 @@ from cli import argument_parser  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
 from models.stats import count_flops, count_parameters  # noqa: E402
 
+# (train.py flags, network, constructor arguments) of the options, beside the defaults.
+OPTIONS = [
+    ("--deep-supervision", "unet", {"deep_supervision": True}),
+    ("--deep-supervision", "resnet34_unet", {"deep_supervision": True}),
+    ("--full-res-skip", "resnet34_unet", {"full_resolution_skip": True}),
+    ("--decoder-channels 256 128 64 64 32", "resnet34_unet", {"decoder_channels": (256, 128, 64, 64, 32)}),
+]
+
 
 def main() -> None:
     parser = argument_parser(__doc__)
@@ -20,14 +29,17 @@ def main() -> None:
     print(f"Input: 1x3x{args.image_size}x{args.image_size}; FLOPs from FlopCounterMode (2 per MAC).\n")
     print("| model | parameters (M) | forward GFLOPs/image | train step GFLOPs/image |")
     print("|---|---:|---:|---:|")
+    models = [(name, name, {}) for name in MODEL_NAMES]
+    models += [(f"{name} `{flags}`", name, kwargs) for flags, name, kwargs in OPTIONS]
     # FLOP counting needs only shapes, so the meta device skips the real arithmetic.
     with torch.device("meta"):
-        for name in MODEL_NAMES:
-            model = build_model(name).train()
+        for label, name, kwargs in models:
+            model = build_model(name, **kwargs).train()
             params = count_parameters(model)
-            forward = count_flops(model, args.image_size, backward=False)
-            train_step = count_flops(model, args.image_size, backward=True)
-            print(f"| {name} | {params / 1e6:.2f} | {forward / 1e9:.2f} | {train_step / 1e9:.2f} |")
+            # Deep supervision's extra heads cost in training only; the forward pass is the one inference runs.
+            forward = count_flops(model.eval(), args.image_size, backward=False)
+            train_step = count_flops(model.train(), args.image_size, backward=True)
+            print(f"| {label} | {params / 1e6:.2f} | {forward / 1e9:.2f} | {train_step / 1e9:.2f} |")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,9 @@ class BCEDiceLoss(nn.Module):
 LOSS_WEIGHTS = {"bce+dice": (1.0, 1.0), "bce": (1.0, 0.0), "dice": (0.0, 1.0)}  # (BCE, soft Dice)
 
 
-def auxiliary_loss(loss_fn: nn.Module, aux_logits: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor | float:
+def auxiliary_loss(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], aux_logits: list[torch.Tensor], target: torch.Tensor
+) -> torch.Tensor | float:
     """Deep supervision: the loss of each coarser decoder stage's logits, upsampled to the target's size,
     weighted 1/2 for the finest and halving per stage down (0 when there are none)."""
     total = 0.0
