@@ -92,9 +92,15 @@ def start(processes: Processes, device_name: str) -> torch.device:
     return device
 
 
-def stop() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def stop(wait_for_others: bool = False) -> None:
+    """Close the process group. After a run that ended well, wait_for_others first lets every process
+    arrive here, so that none closes its connections while another still reads from them (which can
+    abort that one in Gloo); after an error, processes must not wait for ones that will never come."""
+    if not dist.is_initialized():
+        return
+    if wait_for_others:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def active() -> bool:

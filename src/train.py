@@ -480,13 +480,15 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM (a cluster's scheduler, or torchrun passing one on) stops the run as Ctrl-C does.
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    finished = False
     try:
         with quiet_unless(processes.is_main):
             train_and_test(args, resume_from, device, processes)
+        finished = True
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        distributed.stop()
+        distributed.stop(wait_for_others=finished)
 
 
 def train_and_test(

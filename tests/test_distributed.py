@@ -85,7 +85,7 @@ WORKER = """
     if processes.is_main:
         summary = {{**result.summary(), "per_image_dice": result.per_image_dice}}
         json.dump(summary, open({out!r} + "/evaluated.json", "w"))
-    distributed.stop()
+    distributed.stop(wait_for_others=True)
 """
 
 
