@@ -15,9 +15,9 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from oxford_pet import DEFAULT_AUGMENTATION, Augmentation
+from utils import device_constant
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
@@ -81,6 +81,16 @@ class Choices:
         """The choices of some of the images, e.g. one process's share of a global batch."""
         return Choices(*(getattr(self, f.name)[index] for f in fields(self)))
 
+    def pack(self) -> torch.Tensor:
+        """All choices as one (n, 15) float32 tensor, so that a whole epoch's choices travel to the GPU in one copy."""
+        return torch.cat([self.theta.flatten(1), self.rotation.flatten(1), self.brightness[:, None],
+                          self.contrast[:, None], self.saturation[:, None]], dim=1)
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor) -> Choices:
+        """The inverse of pack, as views of `packed` (on whatever device it is)."""
+        return cls(packed[:, :6].view(-1, 2, 3), packed[:, 6:12].view(-1, 2, 3), *packed[:, 12:15].unbind(1))
+
 
 def sample_augmentation(
     n: int, generator: torch.Generator, recipe: Augmentation = DEFAULT_AUGMENTATION
@@ -92,6 +102,16 @@ def sample_augmentation(
     return Choices(theta, rotation, brightness, contrast, saturation)
 
 
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor if tensor.device == device else tensor.to(device)
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(images - mean) / std per channel, with the constants made once per device (torchvision's
+    normalize copies them to the device at every call)."""
+    return (images - device_constant(tuple(mean), images.device)) / device_constant(tuple(std), images.device)
+
+
 def apply_augmentation(
     images: torch.Tensor,
     masks: torch.Tensor,
@@ -101,26 +121,28 @@ def apply_augmentation(
     std: tuple[float, ...],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 3, M, M) and masks (N, 1, M, M), on any device, to augmented normalised
-    float images (N, 3, size, size) and float {0, 1} masks (N, 1, size, size) on that device."""
+    float images (N, 3, size, size) and float {0, 1} masks (N, 1, size, size) on that device.
+    Choices already on that device are used in place: nothing is copied at each step."""
     n, device = len(images), images.device
     shape = [n, 1, size, size]
-    inside = (F.affine_grid(choices.rotation.to(device), shape, align_corners=False).abs() <= 1).all(dim=-1)[:, None]
-    grid = F.affine_grid(choices.theta.to(device), shape, align_corners=False)
+    rotation, theta = _on(choices.rotation, device), _on(choices.theta, device)
+    inside = (F.affine_grid(rotation, shape, align_corners=False).abs() <= 1).all(dim=-1)[:, None]
+    grid = F.affine_grid(theta, shape, align_corners=False)
     images = F.grid_sample(images.float() / 255, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     masks = F.grid_sample(masks.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     images = images * inside
     masks = masks * inside
 
     brightness, contrast, saturation = (
-        factor.to(device).view(n, 1, 1, 1) for factor in (choices.brightness, choices.contrast, choices.saturation)
+        _on(factor, device).view(n, 1, 1, 1) for factor in (choices.brightness, choices.contrast, choices.saturation)
     )
-    weights = torch.tensor(GRAY_WEIGHTS, device=device).view(1, 3, 1, 1)
+    weights = device_constant(GRAY_WEIGHTS, device)
     images = (images * brightness).clamp(0, 1)
     gray_mean = (images * weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
     images = (gray_mean + (images - gray_mean) * contrast).clamp(0, 1)
     gray = (images * weights).sum(1, keepdim=True)
     images = (gray + (images - gray) * saturation).clamp(0, 1)
-    return v2.functional.normalize(images, list(mean), list(std)), masks
+    return normalize(images, mean, std), masks
 
 
 def augment_batch(

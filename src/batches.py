@@ -8,30 +8,87 @@ for the same seed, cached and per-image training see the same batches.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from augment import apply_augmentation, sample_augmentation
-from cache import CachedSplit, fits_on_device
+from augment import Choices, apply_augmentation, normalize, sample_augmentation
+from cache import CachedSplit
 from oxford_pet import DEFAULT_AUGMENTATION, Augmentation
+from utils import non_blocking
 
 UInt8Batch = tuple[torch.Tensor, torch.Tensor]
+T = TypeVar("T")
+# Left free on the GPU beyond the cache and the training footprint: cuDNN workspaces, the allocator's slack.
+GPU_HEADROOM = 0.1
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`: as it is when already there, else copied (from page-locked memory, without
+    waiting, on CUDA)."""
+    if tensor.device == device:
+        return tensor
+    if non_blocking(device):
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=non_blocking(device))
+
+
+def cache_fits_on_gpu(needed: int, reserve: int, free: int, total: int) -> bool:
+    """Whether `needed` bytes of cache fit in a GPU's `free` memory beside `reserve` bytes for training and
+    a headroom of GPU_HEADROOM of its `total`."""
+    return needed + reserve + GPU_HEADROOM * total <= free
+
+
+def place_cache(splits: dict[str, CachedSplit], device: torch.device, reserve: int) -> dict[str, CachedSplit]:
+    """Where the cached splits serve batches from: on a CUDA GPU, its own memory when all of them fit in
+    what is free now beside `reserve` bytes for training (no copy per batch); else the CPU's memory, from
+    which batches are copied page-locked. On MPS the memory is the CPU's anyway, and batches are cut there:
+    MPS has silently returned zero rows from index_select on tensors over 2**31 elements, and aborted on
+    tensors over 4 GiB, in some releases. On the CPU nothing moves."""
+    if device.type != "cuda":
+        return splits
+    needed = sum(split.nbytes for split in splits.values())
+    free, total = torch.cuda.mem_get_info(device)
+    why = f"{free / 2**30:.1f} GiB of the GPU's memory are free and training needs about {reserve / 2**30:.1f}"
+    if cache_fits_on_gpu(needed, reserve, free, total):
+        try:
+            return {name: split.to(device) for name, split in splits.items()}
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            why = "the upload to the GPU ran out of memory"
+    print(
+        f"note: the decode-once cache ({needed / 2**30:.1f} GiB) stays in the CPU's memory and each batch is "
+        f"copied to the GPU, page-locked: {why}.",
+        file=sys.stderr,
+    )
+    return splits
+
+
+def prefetched(batches: Iterator[T]) -> Iterator[T]:
+    """`batches`, fetched one ahead by a thread of their own: batch k+1 is gathered (and its copy to the GPU
+    queued) while the training loop queues step k."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="petseg-prefetch") as fetcher:
+        pending = fetcher.submit(next, batches, None)
+        while (batch := pending.result()) is not None:
+            pending = fetcher.submit(next, batches, None)
+            yield batch
 
 
 class _CachedSource:
-    """uint8 batches cut out of a cached split: kept whole on the device when it takes a small share of
-    its memory (no copy per batch), else gathered on the CPU into page-locked memory and copied over."""
+    """uint8 batches cut out of a cached split where it lives (place_cache decides): on the training device
+    (no copy per batch), or on the CPU, gathered into page-locked memory there and copied over."""
 
     def __init__(self, split: CachedSplit, device: torch.device) -> None:
-        storage = device if fits_on_device(split, device) else torch.device("cpu")
-        self.images, self.masks = split.images.to(storage), split.masks.to(storage)
+        self.images, self.masks = split.images, split.masks
         self.device = device
         # index_select of pinned storage returns pageable memory, whose copy blocks; so the batch
         # itself is gathered into pinned memory, and only its copy overlaps with compute.
-        self.pin = storage.type == "cpu" and device.type == "cuda"
+        self.pin = self.images.device.type == "cpu" and device.type == "cuda"
 
     def gather(self, storage: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The indexed images of `storage`, where it lives (in pinned memory when it is the CPU's for a GPU)."""
@@ -39,12 +96,16 @@ class _CachedSource:
             (len(index), *storage.shape[1:]), dtype=storage.dtype, device=storage.device, pin_memory=self.pin
         )
         # index_select copies whole images; plain indexing is several times slower on uint8.
-        return torch.index_select(storage, 0, index.to(storage.device), out=out)
+        return torch.index_select(storage, 0, index, out=out)
 
     def batches(self, batch_indexes: Sequence[torch.Tensor]) -> Iterator[UInt8Batch]:
-        for index in batch_indexes:
+        if not batch_indexes:
+            return
+        # The whole pass's order travels to the storage's device once, not a batch at a time.
+        order = to_device(torch.cat(list(batch_indexes)), self.images.device)
+        for index in order.split([len(index) for index in batch_indexes]):
             images, masks = self.gather(self.images, index), self.gather(self.masks, index)
-            yield images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
+            yield to_device(images, self.device), to_device(masks, self.device)
 
 
 class _BatchOrder:
@@ -80,7 +141,7 @@ class _DecodedSource:
     def batches(self, batch_indexes: Sequence[torch.Tensor]) -> Iterator[UInt8Batch]:
         self.order.batch_indexes = batch_indexes
         for images, masks in self.loader:
-            yield images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
+            yield to_device(images, self.device), to_device(masks, self.device)
 
 
 class TrainBatches:
@@ -111,7 +172,7 @@ class TrainBatches:
         # Only the count is kept: a cache moved to the GPU must not stay in the CPU's memory too.
         self.n_images = len(source)
         self.cached = isinstance(source, CachedSplit)
-        self.batch_size, self.image_size = batch_size, image_size
+        self.batch_size, self.image_size, self.device = batch_size, image_size, device
         self.share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.mean, self.std = list(mean), list(std)
         self.augmentation = augmentation
@@ -127,10 +188,18 @@ class TrainBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(self.n_images, generator=self.generator)
         batch_indexes = order[: len(self) * self.batch_size].split(self.batch_size)
+        if not batch_indexes:
+            return
+        # The pass's augmentation is drawn up front, batch after batch: the numbers drawing before each batch
+        # would give, as nothing else draws from the generator. It travels to the device in one copy.
+        choices = torch.cat([
+            sample_augmentation(self.batch_size, self.generator, self.augmentation)[self.share].pack()
+            for _ in batch_indexes
+        ])
+        choices = to_device(choices, self.device).split(len(range(self.batch_size)[self.share]))
         local = self.source.batches([index[self.share] for index in batch_indexes])
-        for images, masks in local:
-            choices = sample_augmentation(self.batch_size, self.generator, self.augmentation)[self.share]
-            yield apply_augmentation(images, masks, choices, self.image_size, self.mean, self.std)
+        for (images, masks), packed in zip(prefetched(local), choices, strict=True):
+            yield apply_augmentation(images, masks, Choices.unpack(packed), self.image_size, self.mean, self.std)
 
 
 class EvalBatches:
@@ -157,4 +226,4 @@ class EvalBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, masks in self.source.batches(self.indexes.split(self.batch_size)):
             images = v2.functional.to_dtype(images, torch.float32, scale=True)
-            yield v2.functional.normalize(images, self.mean, self.std), masks.float()
+            yield normalize(images, self.mean, self.std), masks.float()

@@ -38,6 +38,14 @@ class CachedSplit:
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def nbytes(self) -> int:
+        return self.images.nbytes + self.masks.nbytes
+
+    def to(self, device: torch.device) -> CachedSplit:
+        """The split with its arrays on `device`."""
+        return CachedSplit(self.images.to(device), self.masks.to(device), self.names)
+
 
 def cache_bytes(n_images: int, size: int) -> int:
     return n_images * 4 * size * size
@@ -161,13 +169,3 @@ def load_or_build(
             with contextlib.suppress(FileNotFoundError, PermissionError):
                 stale.unlink()
     return CachedSplit(torch.from_numpy(images), torch.from_numpy(masks), list(dataset.names))
-
-
-def fits_on_device(split: CachedSplit, device: torch.device, share: float = 0.25) -> bool:
-    """Whether the split takes at most `share` of the device's memory (always, off CUDA: the CPU already holds it)."""
-    if device.type != "cuda":
-        return True  # Apple's MPS shares the CPU's memory
-    return (
-        cache_bytes(len(split), split.images.shape[-1])
-        <= share * torch.cuda.get_device_properties(device).total_memory
-    )

@@ -137,6 +137,20 @@ def sum_across(values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
+def min_across(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise minimum over all processes of a tensor on this process's device; queued on the
+    device like any other operation, so it does not make the host wait."""
+    if not active():
+        return tensor
+    smallest = tensor.clone()
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return smallest
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
 def concat_across(items: list[Any]) -> list[Any]:
     """Every process's list, concatenated in rank order: with contiguous shards, the original order."""
     if not active():

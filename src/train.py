@@ -7,6 +7,9 @@
 Each run gets its own folder in saved_models/: best.pt (best valid Dice), last.pt (the latest
 epoch, for --resume), history.csv, curves.png and, at the end, results.json with the test
 scores of best.pt. Every file is replaced atomically, so a crash leaves the previous one whole.
+
+The script reads top to bottom: the flags, main(), set_up() (data, model, optimiser, run folder),
+train() (the epoch loop, with train_one_epoch), test_best() and write_results().
 """
 
 from __future__ import annotations
@@ -16,30 +19,32 @@ import contextlib
 import csv
 import io
 import json
-import math
 import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import checkpoint as ckpt
 import distributed
-from batches import EvalBatches, TrainBatches
+import run_state
+from batches import EvalBatches, TrainBatches, place_cache
 from cache import DEFAULT_CACHE_DIR, cache_bytes, cache_fits_in_memory, load_or_build
 from cli import argument_parser
 from distributed import Processes
-from evaluate import default_num_workers, eval_loader, evaluate, format_result
+from ema import MovingAverage
+from evaluate import EvalResult, default_num_workers, eval_loader, evaluate, format_result
 from models import MODEL_NAMES, build_model
 from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
+from models.stats import count_parameters, training_bytes
 from oxford_pet import (
     AUGMENTATIONS,
     DEFAULT_DATA_PATH,
@@ -50,6 +55,7 @@ from oxford_pet import (
     prepare_dataset,
 )
 from plots import plot_learning_curves
+from run_state import Progress, Trainer
 from utils import (
     LOSS_WEIGHTS,
     REPO_ROOT,
@@ -58,13 +64,14 @@ from utils import (
     atomic_write,
     autocast,
     auxiliary_loss,
+    configure_backends,
+    default_amp,
     describe_precision,
     display_path,
+    fused_optimizer,
     logits_to_mask,
     needs_loss_scaling,
     per_image_dice,
-    restore_rng_states,
-    rng_states,
     run_script,
     seed_everything,
     sigint_deferred,
@@ -76,11 +83,11 @@ HISTORY_FIELDS = (
 )
 WARMUP_FRACTION = 0.1
 MIN_WARMUP_STEPS = 10
-# Flags that describe the machine rather than the experiment: --resume may change them.
-RESUMABLE_FLAGS = (
-    "data_path", "no_download", "skip_bad", "no_cache", "cache_dir", "device", "num_workers", "channels_last",
-    "sync_bn", "compile", "resume",
-)
+# Steps between reads of the loss on the host: each read waits for the GPU to finish all it was given.
+READ_EVERY = 25
+
+
+# ----------------------------------------------------------------------------- flags
 
 
 def positive(kind: type):
@@ -121,9 +128,18 @@ def image_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argument_parser(
         "Train a segmentation model on Oxford-IIIT Pet and report its test Dice. Defaults are the recommended "
-        "recipe for one CUDA GPU; under torchrun the same command trains on several (see README, More GPUs)."
+        "recipe for one CUDA GPU; under torchrun the same command trains on several (see docs/platforms.md)."
     )
-    data = parser.add_argument_group("data")
+    add_data_flags(parser.add_argument_group("data"))
+    add_recipe_flags(parser.add_argument_group("model and optimisation"))
+    add_study_flags(parser.add_argument_group(
+        "recipe-study options", "variants measured against the defaults (docs/BENCHMARKS.md); all off by default"
+    ))
+    add_run_flags(parser.add_argument_group("run"))
+    return parser
+
+
+def add_data_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--data_path", "--data-path", type=Path, default=DEFAULT_DATA_PATH,
         help="folder holding images/ and annotations/; the default one is downloaded on first use",
@@ -152,23 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the decoded, resized images are kept (environment variable PETSEG_CACHE_DIR changes the default)",
     )
 
-    model = parser.add_argument_group("model and optimisation")
+
+def add_recipe_flags(model: argparse._ArgumentGroup) -> None:
     model.add_argument("-n", "--network", default="resnet34_unet", choices=MODEL_NAMES, help="architecture")
-    model.add_argument(
-        "--deep-supervision", action=argparse.BooleanOptionalAction, default=False,
-        help="also train 1x1 heads on the coarser decoder stages, their loss halving per stage (training only; "
-        "the checkpoint predicts as without them)",
-    )
-    model.add_argument(
-        "--decoder-channels", type=positive(int), nargs=5, default=None, metavar="C",
-        help=f"resnet34_unet only: widths of the 5 decoder blocks, coarse to fine "
-        f"(default: {' '.join(map(str, DEFAULT_DECODER_CHANNELS))})",
-    )
-    model.add_argument(
-        "--full-res-skip", action=argparse.BooleanOptionalAction, default=False,
-        help="resnet34_unet only: give the last decoder block a skip from the input image at full resolution "
-        "(its encoder starts at half resolution)",
-    )
     model.add_argument("-e", "--epochs", type=positive(int), default=200, help="training epochs")
     model.add_argument(
         "-b", "--batch_size", "--batch-size", type=positive(int), default=32,
@@ -180,36 +182,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--weight-decay", "--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     model.add_argument(
+        "--patience", type=non_negative, default=0,
+        help="stop after this many epochs without a better valid Dice; 0 never stops early",
+    )
+
+
+def add_study_flags(study: argparse._ArgumentGroup) -> None:
+    study.add_argument(
+        "--deep-supervision", action=argparse.BooleanOptionalAction, default=False,
+        help="also train 1x1 heads on the coarser decoder stages, their loss halving per stage (training only; "
+        "the checkpoint predicts as without them)",
+    )
+    study.add_argument(
+        "--decoder-channels", type=positive(int), nargs=5, default=None, metavar="C",
+        help=f"resnet34_unet only: widths of the 5 decoder blocks, coarse to fine "
+        f"(default: {' '.join(map(str, DEFAULT_DECODER_CHANNELS))})",
+    )
+    study.add_argument(
+        "--full-res-skip", action=argparse.BooleanOptionalAction, default=False,
+        help="resnet34_unet only: give the last decoder block a skip from the input image at full resolution "
+        "(its encoder starts at half resolution)",
+    )
+    study.add_argument(
         "--loss", default="bce+dice", choices=LOSS_WEIGHTS,
         help="training loss: BCE plus soft Dice per image, or either alone",
     )
-    model.add_argument(
+    study.add_argument(
         "--augment", default="default", choices=AUGMENTATIONS,
         help="strength of the training augmentation: light (flip and crops of 80-100%% of the area), default "
         "(flip, crops of 50-100%%, rotation up to 10 degrees, colour jitter 30%%) or strong (crops of 30-100%% "
         "at aspect 2:3 to 3:2, rotation up to 20 degrees, jitter 40%%)",
     )
-    model.add_argument(
+    study.add_argument(
         "--ema", type=ema_decay, default=0.0,
         help="validate, keep and test an exponential moving average of the weights with this decay per step "
         "(e.g. 0.999, warmed up over the first steps); 0 turns it off",
     )
-    model.add_argument(
-        "--patience", type=non_negative, default=0,
-        help="stop after this many epochs without a better valid Dice; 0 never stops early",
-    )
 
-    run = parser.add_argument_group("run")
+
+def add_run_flags(run: argparse._ArgumentGroup) -> None:
     run.add_argument(
         "--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: cuda, then mps, then cpu"
     )
     run.add_argument(
         "--amp", action=argparse.BooleanOptionalAction, default=None,
-        help="mixed precision: bf16, or fp16 with loss scaling on GPUs older than Ampere (default: on for CUDA)",
+        help="mixed precision: bf16 on Ampere and newer GPUs, fp16 with loss scaling on Volta and Turing (default: "
+        "on for CUDA GPUs of compute capability 7.0 and newer; off on older ones, which have no tensor cores)",
     )
     run.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=None,
         help="channels-last memory layout, which tensor cores run natively (default: on for CUDA)",
+    )
+    run.add_argument(
+        "--deterministic", action="store_true",
+        help="repeatable GPU runs: deterministic algorithms wherever they exist (a warning names any op without "
+        "one), cuDNN deterministic and not benchmarking; slower. On the CPU runs are repeatable without it",
     )
     run.add_argument(
         "--sync-bn", action=argparse.BooleanOptionalAction, default=True,
@@ -233,16 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a run from its last.pt (or its folder) with everything restored; only the data and machine "
         "flags may change",
     )
-    return parser
-
-
-def plain(value: object) -> object:
-    return str(value) if isinstance(value, Path) else value
-
-
-def plain_args(args: argparse.Namespace) -> dict:
-    """The run's flags as plain types, so a checkpoint holding them loads with weights_only=True."""
-    return {key: plain(value) for key, value in vars(args).items()}
 
 
 def parse_args(
@@ -254,33 +271,7 @@ def parse_args(
     args = parser.parse_args(argv)
     resume_from = None
     if args.resume is not None:
-        resume_path = ckpt.resolve_checkpoint_path(args.resume, ckpt.LAST_NAME)
-        finished = (resume_path.parent / "results.json").exists()
-        resume_from = ckpt.load_checkpoint(resume_path)
-        if "training" not in resume_from and not (finished and resume_path.name == ckpt.LAST_NAME):
-            raise ckpt.CheckpointError(
-                f"{args.resume} holds weights only (a best.pt?); --resume needs the run's last.pt or its folder."
-            )
-        saved = resume_from["args"]
-        for key, value in vars(args).items():
-            changed = value != parser.get_default(key)
-            if key not in RESUMABLE_FLAGS and changed and plain(value) != saved.get(key):
-                parser.error(
-                    f"--{key.replace('_', '-')} {plain(value)} differs from the resumed run's {saved.get(key)}; "
-                    "a resumed run keeps its recipe. Start a new run to change it."
-                )
-        overrides = {
-            key: plain(getattr(args, key)) for key in RESUMABLE_FLAGS if getattr(args, key) != parser.get_default(key)
-        }
-        # Defaults first: a run saved before a flag existed resumes with that flag's default.
-        merged = {**{key: plain(parser.get_default(key)) for key in vars(args)}, **saved, **overrides}
-        paths = {key: Path(merged[key]) for key in ("data_path", "save_dir", "cache_dir")}
-        args = argparse.Namespace(**{**merged, **paths})
-        args.resume = resume_path
-        if finished:
-            raise PetsegError(
-                f"{display_path(resume_path.parent)} has finished (see its results.json); there is nothing to resume."
-            )
+        args, resume_from = run_state.merge_resumed_flags(parser, args)
     if args.data_path != DEFAULT_DATA_PATH and not args.data_path.is_dir():
         parser.error(
             f"--data_path {args.data_path} is not a folder. Point it at the folder holding images/ and "
@@ -299,92 +290,113 @@ def parse_args(
     return args, resume_from
 
 
-def model_kwargs(args: argparse.Namespace) -> dict:
-    """The architecture's options from the flags, as plain types (the checkpoint keeps them for inference)."""
-    kwargs: dict = {"deep_supervision": args.deep_supervision}
-    if args.network == "resnet34_unet":
-        kwargs["decoder_channels"] = list(args.decoder_channels or DEFAULT_DECODER_CHANNELS)
-        kwargs["full_resolution_skip"] = args.full_res_skip
-    return kwargs
+# ----------------------------------------------------------------------------- main
 
 
-def make_run_dir(save_dir: Path, name: str) -> Path:
-    """A new folder for this run; an existing one (an earlier run's files) is never reused."""
-    save_dir.mkdir(parents=True, exist_ok=True)
-    while True:
-        run_dir = unused_path(save_dir / name)
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:  # another run took the name between the check and mkdir
-            continue
+@dataclass
+class Run:
+    """One training run as set_up() makes it: its flags, where it runs, what trains and how far it has come."""
+
+    args: argparse.Namespace
+    processes: Processes
+    device: torch.device
+    amp: bool
+    data_path: Path
+    run_dir: Path
+    trainer: Trainer
+    valid_loader: EvalBatches | DataLoader
+    loss_fn: nn.Module
+    progress: Progress
 
 
-def write_history(history: list[dict], path: Path) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
-    writer.writeheader()
-    writer.writerows(history)
-    with atomic_write(path, "w") as file:
-        file.write(text.getvalue())
+def main(argv: list[str] | None = None) -> None:
+    processes = distributed.from_environment()  # one process, unless started by torchrun
+    args, resume_from = parse_args(argv, processes)
+    device = distributed.start(processes, args.device)
+    finished = False
+    try:
+        with stopped_by_sigterm(), quiet_unless(processes.is_main):
+            run = set_up(args, resume_from, device, processes)
+            with explained_stops(run):
+                train(run)
+                test = test_best(run)
+            write_results(run, test)
+        finished = True
+    finally:
+        distributed.stop(wait_for_others=finished)
 
 
-class NonFiniteLoss(Exception):
-    def __init__(self, step: int, value: float) -> None:
-        super().__init__(f"loss {value} at step {step}")
-        self.step, self.value = step, value
+@contextlib.contextmanager
+def stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM (a cluster's scheduler, or torchrun passing one on) stops the run as Ctrl-C does."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    loss_fn: nn.Module,
-    device: torch.device,
-    amp: bool,
-    desc: str,
-    ema: AveragedModel | None = None,
-) -> dict[str, float]:
-    """One pass over the training set; returns the mean loss and the mean per-image Dice of its batches.
-    The moving average of the weights, if any, follows every step."""
-    model.train()
-    loss_sum, dice_sum, seen = 0.0, 0.0, 0
-    progress = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-    for step, (images, masks) in enumerate(progress, start=1):
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        with autocast(device, amp):
-            outputs = model(images)
-        # With --deep-supervision a model in training mode also returns its coarser stages' logits.
-        logits, aux_logits = outputs if isinstance(outputs, tuple) else (outputs, [])
-        loss = loss_fn(logits, masks) + auxiliary_loss(loss_fn, aux_logits, masks)
-        loss_value = loss.item()
-        # Summed over processes, a NaN on any one is a NaN for all: they stop at the same step.
-        loss_everywhere = distributed.sum_across([loss_value])[0]
-        if not math.isfinite(loss_everywhere):
-            raise NonFiniteLoss(step, loss_everywhere)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(distributed.unwrap(model))
-        n = len(images)
-        loss_sum += loss_value * n
-        dice_sum += per_image_dice(logits_to_mask(logits.detach()), masks.bool()).sum().item()
-        seen += n
-        progress.set_postfix(loss=f"{loss_sum / seen:.4f}")
-    loss_sum, dice_sum, seen = distributed.sum_across([loss_sum, dice_sum, seen])
-    return {"loss": loss_sum / seen, "dice": dice_sum / seen}
+@contextlib.contextmanager
+def quiet_unless(talks: bool) -> Iterator[None]:
+    """Silence a process that is not rank 0: one log and one set of progress bars per run.
+    Its errors still reach the terminal, through run_script, once the block is left."""
+    if talks:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        yield
 
 
-def make_loaders(args: argparse.Namespace, data_path: Path, device: torch.device, processes: Processes) -> tuple:
+# ----------------------------------------------------------------------------- set up
+
+
+def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.device, processes: Processes) -> Run:
+    """Data, model, optimiser and run folder, for a new run or one resumed from its last.pt. Under torchrun
+    every process runs this; rank 0 alone writes files."""
+    amp = args.amp if args.amp is not None else default_amp(device)
+    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
+    configure_backends(device, args.deterministic)
+    seed_everything(args.seed)
+    data_path = distributed.first_on_each_machine(
+        processes, lambda: prepare_dataset(args.data_path, download=not args.no_download, skip_bad=args.skip_bad)
+    )
+    model = build_model(args.network, **run_state.model_kwargs(args)).to(device)
+    per_process = args.batch_size // processes.world_size
+    # What training needs on the GPU, which a GPU-resident cache must leave free (the average doubles the weights).
+    reserve = training_bytes(args.network, args.image_size, per_process, amp, count_parameters(model)) + (
+        4 * count_parameters(model) if args.ema else 0
+    )
+    train_loader, valid_loader, n_valid = make_loaders(args, data_path, device, processes, reserve)
+    if len(train_loader) == 0:
+        raise PetsegError(
+            f"-b/--batch_size {args.batch_size} is larger than the {train_loader.n_images} training images."
+        )
+    trainer = make_trainer(args, model, train_loader, device, amp, channels_last, resume_from)
+    if resume_from is None:
+        run_name = args.run_name or f"{args.network}_{datetime.now():%Y%m%d-%H%M%S}"
+        run_dir = distributed.broadcast(make_run_dir(args.save_dir, run_name) if processes.is_main else None)
+        progress = Progress()
+    else:
+        run_dir = args.resume.parent
+        run_state.check_same_training_set(resume_from, train_loader.n_images, run_dir, data_path)
+        progress = run_state.restore(resume_from, trainer)
+        announce_resume(resume_from, progress, run_dir, processes)
+    args.processes = processes.world_size
+    run = Run(args, processes, device, amp, data_path, run_dir, trainer, valid_loader,
+              BCEDiceLoss(*LOSS_WEIGHTS[args.loss]), progress)
+    print(start_line(run, n_valid, channels_last, train_loader.cached))
+    return run
+
+
+def make_loaders(
+    args: argparse.Namespace, data_path: Path, device: torch.device, processes: Processes, reserve: int = 0
+) -> tuple:
     """Train and valid batches, and the number of valid images. From the decode-once cache unless --no-cache,
     or it would not fit in memory; either way the training augmentation runs on whole batches on `device`
-    (batches.TrainBatches). Each process gets its share of every training batch and of the valid images."""
+    (batches.TrainBatches). Each process gets its share of every training batch and of the valid images.
+    The cache serves batches from the GPU's memory when it fits there beside `reserve` bytes for training."""
     augmentation = AUGMENTATIONS[args.augment]
     datasets = {
         split: load_dataset(data_path, split, args.image_size, args.skip_bad, augmentation)
@@ -401,6 +413,7 @@ def make_loaders(args: argparse.Namespace, data_path: Path, device: torch.device
             split: load_or_build(data, sizes[split], args.cache_dir, args.num_workers)
             for split, data in datasets.items()
         })
+        cached = place_cache(cached, device, reserve)
         train_source = cached["train"]
         valid_loader = EvalBatches(cached["valid"], per_process, device, IMAGENET_MEAN, IMAGENET_STD, valid_share)
     else:
@@ -417,6 +430,44 @@ def make_loaders(args: argparse.Namespace, data_path: Path, device: torch.device
         args.num_workers, processes.rank, processes.world_size, augmentation,
     )
     return train_loader, valid_loader, len(datasets["valid"])
+
+
+def make_trainer(
+    args: argparse.Namespace,
+    model: nn.Module,
+    loader: TrainBatches,
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+    resume_from: dict | None,
+) -> Trainer:
+    """The model as it trains (resumed weights, memory layout, moving average, DDP, compile), the optimiser,
+    the learning-rate schedule and the loss scaler."""
+    if resume_from is not None:
+        model.load_state_dict(run_state.raw_weights(resume_from))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = MovingAverage(model, args.ema) if args.ema else None
+    model = distributed.wrap(model, device, args.sync_bn)
+    if args.compile:
+        warn_if_compile_breaks_at_sync_bn(args, device)
+        model = torch.compile(model)  # after DDP wrapping, as torch's DDP notes advise
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+        fused=fused_optimizer(device) or None,
+    )
+    scheduler = make_scheduler(optimizer, args.learning_rate, args.epochs, len(loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(device, amp))
+    return Trainer(model, optimizer, scheduler, scaler, loader, ema)
+
+
+def warn_if_compile_breaks_at_sync_bn(args: argparse.Namespace, device: torch.device) -> None:
+    if device.type == "cuda" and args.sync_bn and distributed.active() and distributed.world_size() > 1:
+        print(
+            "warning: torch.compile breaks its graph at every SyncBatchNorm layer (pytorch/pytorch#161302), so "
+            "--compile may gain little here; compare with and without it, or pass --no-sync-bn.",
+            file=sys.stderr,
+        )
 
 
 def make_scheduler(
@@ -441,250 +492,210 @@ def make_scheduler(
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=warmup / total)
 
 
-def moving_average(model: nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of the model's weights and BatchNorm statistics."""
-
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], steps: torch.Tensor) -> None:
-        # Warmed up: early on the average follows the model closely, so it is useful from the first epoch.
-        weight = 1 - min(decay, (1 + steps.item()) / (10 + steps.item()))
-        if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, current, weight)
-        else:  # BatchNorm's step counters
-            torch._foreach_copy_(averaged, current)
-
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+def make_run_dir(save_dir: Path, name: str) -> Path:
+    """A new folder for this run; an existing one (an earlier run's files) is never reused."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        run_dir = unused_path(save_dir / name)
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:  # another run took the name between the check and mkdir
+            continue
 
 
-def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
-    """A run may resume with another precision (another GPU, or none): only a float16 run's loss
-    scale carries over to a float16 run; otherwise the scaler starts afresh or stays off."""
-    if scaler.is_enabled() and state:
-        scaler.load_state_dict(state)
-
-
-@contextlib.contextmanager
-def quiet_unless(talks: bool) -> Iterator[None]:
-    """Silence a process that is not rank 0: one log and one set of progress bars per run.
-    Its errors still reach the terminal, through run_script, once the block is left."""
-    if talks:
-        yield
-        return
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-        yield
-
-
-def main(argv: list[str] | None = None) -> None:
-    processes = distributed.from_environment()  # one process, unless started by torchrun
-    args, resume_from = parse_args(argv, processes)
-    device = distributed.start(processes, args.device)
-    # SIGTERM (a cluster's scheduler, or torchrun passing one on) stops the run as Ctrl-C does.
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    finished = False
-    try:
-        with quiet_unless(processes.is_main):
-            train_and_test(args, resume_from, device, processes)
-        finished = True
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        distributed.stop(wait_for_others=finished)
-
-
-def train_and_test(
-    args: argparse.Namespace, resume_from: dict | None, device: torch.device, processes: Processes
-) -> None:
-    """The run: train, keep the best-valid-Dice checkpoint, report its test Dice. Under torchrun every
-    process runs this; rank 0 alone writes files."""
-    amp = args.amp if args.amp is not None else device.type == "cuda"
-    channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
-    seed_everything(args.seed)
-    data_path = distributed.first_on_each_machine(
-        processes, lambda: prepare_dataset(args.data_path, download=not args.no_download, skip_bad=args.skip_bad)
+def announce_resume(resume_from: dict, progress: Progress, run_dir: Path, processes: Processes) -> None:
+    print(
+        f"Resuming {display_path(run_dir)} after epoch {resume_from['epoch']} "
+        f"(best valid Dice {progress.best_dice:.4f} at epoch {progress.best_epoch})"
     )
-
-    train_loader, valid_loader, n_valid = make_loaders(args, data_path, device, processes)
-    if len(train_loader) == 0:
-        raise PetsegError(
-            f"-b/--batch_size {args.batch_size} is larger than the {train_loader.n_images} training images."
-        )
-
-    model = build_model(args.network, **model_kwargs(args)).to(device)
-    if resume_from is not None:
-        # With --ema, model_state holds the average (what best.pt and inference use); the raw weights are apart.
-        model.load_state_dict(resume_from["training"].get("raw_model", resume_from["model_state"]))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = moving_average(model, args.ema) if args.ema else None
-    model = distributed.wrap(model, device, args.sync_bn)
-    if args.compile:
-        model = torch.compile(model)  # after DDP wrapping, as torch's DDP notes advise
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = make_scheduler(optimizer, args.learning_rate, args.epochs, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(device, amp))
-    loss_fn = BCEDiceLoss(*LOSS_WEIGHTS[args.loss])
-
-    history: list[dict] = []
-    best_dice, best_epoch, start_epoch = -1.0, 0, 1
-    if resume_from is None:
-        run_name = args.run_name or f"{args.network}_{datetime.now():%Y%m%d-%H%M%S}"
-        run_dir = distributed.broadcast(make_run_dir(args.save_dir, run_name) if processes.is_main else None)
-    else:
-        run_dir = args.resume.parent
-        state = resume_from["training"]
-        saved_images = state.get("train_images", train_loader.n_images)
-        if saved_images != train_loader.n_images:
-            raise PetsegError(
-                f"{display_path(run_dir)} trained on {saved_images} images, but {display_path(data_path)} now gives "
-                f"{train_loader.n_images}; its learning-rate schedule is fixed to that many steps. Resume with the "
-                "data (and --skip-bad choice) it was trained on."
-            )
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_scaler(scaler, state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        train_loader.generator.set_state(state["loader_generator"])
-        restore_rng_states(state["rng"])
-        history, best_dice, best_epoch = state["history"], state["best_dice"], state["best_epoch"]
-        start_epoch = resume_from["epoch"] + 1
+    saved_processes = resume_from["args"].get("processes", 1)
+    if saved_processes != processes.world_size:
         print(
-            f"Resuming {display_path(run_dir)} after epoch {resume_from['epoch']} "
-            f"(best valid Dice {best_dice:.4f} at epoch {best_epoch})"
+            f"note: the run was saved by {saved_processes} process(es) and continues with {processes.world_size}: "
+            "the same images and augmentation per step, but sums in another order, so not bit-identical.",
+            file=sys.stderr,
         )
-        saved_processes = resume_from["args"].get("processes", 1)
-        if saved_processes != processes.world_size:
-            print(
-                f"note: the run was saved by {saved_processes} process(es) and continues with {processes.world_size}: "
-                "the same images and augmentation per step, but sums in another order, so not bit-identical.",
-                file=sys.stderr,
-            )
-    args.processes = processes.world_size
 
-    n_params = sum(p.numel() for p in model.parameters())
+
+def start_line(run: Run, n_valid: int, channels_last: bool, cached: bool) -> str:
+    args, processes = run.args, run.processes
+    n_params = count_parameters(run.trainer.model)
     batch = f"batch {args.batch_size}"
     if processes.launched:
         batch = f"global {batch} = {processes.world_size} processes x {args.batch_size // processes.world_size}"
-    print(
-        f"{args.network} ({n_params / 1e6:.1f}M parameters) on {device}, {describe_precision(device, amp)}"
-        f"{', channels-last' if channels_last else ''}, {batch}; "
-        f"{train_loader.n_images} train / {n_valid} valid images at {args.image_size}px"
-        f"{'' if train_loader.cached else ', decoded every epoch'}; run folder {display_path(run_dir)}"
+    return (
+        f"{args.network} ({n_params / 1e6:.1f}M parameters) on {run.device}, {describe_precision(run.device, run.amp)}"
+        f"{', channels-last' if channels_last else ''}{', deterministic' if args.deterministic else ''}, {batch}; "
+        f"{run.trainer.loader.n_images} train / {n_valid} valid images at {args.image_size}px"
+        f"{'' if cached else ', decoded every epoch'}; run folder {display_path(run.run_dir)}"
     )
 
-    def validated() -> nn.Module:
-        """The weights that are validated, kept in best.pt and tested: the moving average with --ema."""
-        return ema.module if ema is not None else distributed.unwrap(model)
 
-    def checkpoint_contents(epoch: int, valid_dice: float) -> dict:
-        return {
-            "network": args.network,
-            "model_kwargs": model_kwargs(args),
-            "model_state": validated().state_dict(),
-            "image_size": args.image_size,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "epoch": epoch,
-            "valid_dice": valid_dice,
-            "amp": amp,
-            "args": plain_args(args),
-        }
+# ----------------------------------------------------------------------------- the epoch loop
 
-    finished_epoch = start_epoch - 1
-    try:
-        for epoch in range(start_epoch, args.epochs + 1):
-            if args.patience and epoch - 1 - best_epoch >= args.patience:
-                print(f"Stopping early: no better valid Dice for {args.patience} epochs.")
-                break
-            epoch_start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            train = train_one_epoch(
-                model, train_loader, optimizer, scheduler, scaler, loss_fn, device, amp, f"epoch {epoch}/{args.epochs}",
-                ema,
-            )
-            # Every process scores its share of the valid images; the scores are pooled, so all agree.
-            valid = evaluate(validated(), valid_loader, device, amp=amp, loss_fn=loss_fn, desc="valid")
-            history.append({
-                "epoch": epoch,
-                "lr": lr,
-                "train_loss": train["loss"],
-                "train_dice": train["dice"],
-                "valid_loss": valid.loss,
-                "valid_dice": valid.dice,
-                "valid_dataset_dice": valid.dataset_dice,
-                "valid_iou": valid.dataset_iou,
-                "seconds": time.perf_counter() - epoch_start,
-            })
-            improved = valid.dice > best_dice
-            if improved:
-                best_dice, best_epoch = valid.dice, epoch
-            tqdm.write(
-                f"epoch {epoch:3d}/{args.epochs}  lr {lr:.2e}  "
-                f"train loss {train['loss']:.4f} dice {train['dice']:.4f}  "
-                f"valid loss {valid.loss:.4f} dice {valid.dice:.4f}  {history[-1]['seconds']:.1f}s"
-                f"{'  *best' if improved else ''}"
-            )
-            with sigint_deferred():
-                if processes.is_main:
-                    write_history(history, run_dir / "history.csv")
-                    plot_learning_curves(
-                        [(run_dir.name, history)], run_dir / "curves.png",
-                        title=f"{args.network}: train (dashed) and valid (solid)",
-                    )
-                    # best before last: a crash between the two resumes from the older last.pt, which redoes this epoch.
-                    if improved:
-                        ckpt.save_checkpoint(run_dir / ckpt.BEST_NAME, **checkpoint_contents(epoch, valid.dice))
-                    training_state = {
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "loader_generator": train_loader.generator.get_state(),
-                        "train_images": train_loader.n_images,
-                        "rng": rng_states(),
-                        "history": history,
-                        "best_dice": best_dice,
-                        "best_epoch": best_epoch,
-                    }
-                    if ema is not None:  # model_state holds the average; resuming needs the raw weights too
-                        training_state.update(ema=ema.state_dict(), raw_model=distributed.unwrap(model).state_dict())
-                    ckpt.save_checkpoint(
-                        run_dir / ckpt.LAST_NAME, **checkpoint_contents(epoch, valid.dice), training=training_state
-                    )
-                finished_epoch = epoch
-        distributed.barrier()  # best.pt is written
-        checkpoint = ckpt.load_checkpoint(run_dir / ckpt.BEST_NAME)
-        validated().load_state_dict(checkpoint["model_state"])
-        # Decoded afresh, once, to also score each image at its own size; the same loader inference.py uses.
-        test_loader = eval_loader(
-            data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.batch_size // processes.world_size,
-            args.num_workers, device, skip_bad=args.skip_bad, original_masks=True, shard=processes.shard,
+
+def train(run: Run) -> None:
+    """Epochs until the last (or --patience runs out): train, validate, keep the best checkpoint and last.pt."""
+    args, progress, trainer = run.args, run.progress, run.trainer
+    for epoch in range(progress.finished_epoch + 1, args.epochs + 1):
+        if args.patience and epoch - 1 - progress.best_epoch >= args.patience:
+            print(f"Stopping early: no better valid Dice for {args.patience} epochs.")
+            break
+        epoch_start = time.perf_counter()
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        scores = train_one_epoch(
+            trainer.model, trainer.loader, trainer.optimizer, trainer.scheduler, trainer.scaler, run.loss_fn,
+            run.device, run.amp, f"epoch {epoch}/{args.epochs}", trainer.ema,
         )
-        test = evaluate(validated(), test_loader, device, amp=amp, loss_fn=loss_fn, desc="test")
+        # Every process scores its share of the valid images; the scores are pooled, so all agree.
+        valid = evaluate(trainer.validated(), run.valid_loader, run.device, amp=run.amp, loss_fn=run.loss_fn,
+                         desc="valid")
+        progress.history.append({
+            "epoch": epoch, "lr": lr, "train_loss": scores["loss"], "train_dice": scores["dice"],
+            "valid_loss": valid.loss, "valid_dice": valid.dice, "valid_dataset_dice": valid.dataset_dice,
+            "valid_iou": valid.dataset_iou, "seconds": time.perf_counter() - epoch_start,
+        })
+        improved = valid.dice > progress.best_dice
+        if improved:
+            progress.best_dice, progress.best_epoch = valid.dice, epoch
+        tqdm.write(
+            f"epoch {epoch:3d}/{args.epochs}  lr {lr:.2e}  "
+            f"train loss {scores['loss']:.4f} dice {scores['dice']:.4f}  "
+            f"valid loss {valid.loss:.4f} dice {valid.dice:.4f}  {progress.history[-1]['seconds']:.1f}s"
+            f"{'  *best' if improved else ''}"
+        )
+        with sigint_deferred():
+            if run.processes.is_main:
+                save_epoch(run, epoch, valid.dice, improved)
+            progress.finished_epoch = epoch
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, noticed_at: int) -> None:
+        super().__init__(f"loss not finite at step {step}, noticed at step {noticed_at}")
+        self.step, self.noticed_at = step, noticed_at
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: TrainBatches,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp: bool,
+    desc: str,
+    ema: MovingAverage | None = None,
+) -> dict[str, float]:
+    """One pass over the training set; returns the mean loss and the mean per-image Dice of its batches.
+    The moving average of the weights, if any, follows every step.
+
+    Nothing here waits for the GPU but a read every READ_EVERY steps and at the end: the sums and the
+    first step with a non-finite loss stay on the device until then (the next batch is meanwhile fetched
+    by batches.prefetched). Under torchrun every process reads the same steps, so all stop together.
+    """
+    model.train()
+    sums = torch.zeros(2, device=device)  # loss x images, and per-image Dice, summed
+    first_bad_step = torch.zeros((), device=device)  # 0 while every loss was finite
+    seen, steps = 0, len(loader)
+    with tqdm(total=steps, desc=desc, leave=False, dynamic_ncols=True) as progress:
+        for step, (images, masks) in enumerate(loader, start=1):
+            with autocast(device, amp):
+                outputs = model(images)
+            # With --deep-supervision a model in training mode also returns its coarser stages' logits.
+            logits, aux_logits = outputs if isinstance(outputs, tuple) else (outputs, [])
+            loss = loss_fn(logits, masks) + auxiliary_loss(loss_fn, aux_logits, masks)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(distributed.unwrap(model))
+            with torch.no_grad():
+                loss = loss.detach()
+                dice = per_image_dice(logits_to_mask(logits.detach()), masks.bool()).sum()
+                sums += torch.stack([loss * len(images), dice])
+                first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss), step, first_bad_step)
+            seen += len(images)
+            if step % READ_EVERY == 0 or step == steps:
+                loss_sum = read_on_host(sums, first_bad_step, step)
+                progress.set_postfix(loss=f"{loss_sum / seen:.4f}")
+            progress.update()
+    loss_sum, dice_sum, seen = distributed.sum_across([*sums.tolist(), seen])
+    return {"loss": loss_sum / seen, "dice": dice_sum / seen}
+
+
+def read_on_host(sums: torch.Tensor, first_bad_step: torch.Tensor, step: int) -> float:
+    """This process's loss sum so far, read with the first non-finite step of any process (one wait for the
+    GPU); raises NonFiniteLoss if there was one."""
+    bad = distributed.min_across(torch.where(first_bad_step > 0, first_bad_step, float("inf")))
+    loss_sum, bad_step = torch.stack([sums[0], bad]).tolist()
+    if bad_step != float("inf"):
+        raise NonFiniteLoss(int(bad_step), step)
+    return loss_sum
+
+
+def save_epoch(run: Run, epoch: int, valid_dice: float, improved: bool) -> None:
+    """history.csv, curves.png, best.pt when the valid Dice improved, then last.pt (rank 0 alone)."""
+    history = run.progress.history
+    write_history(history, run.run_dir / "history.csv")
+    plot_learning_curves(
+        [(run.run_dir.name, history)], run.run_dir / "curves.png",
+        title=f"{run.args.network}: train (dashed) and valid (solid)",
+    )
+    contents = run_state.checkpoint_contents(run.args, run.trainer.validated(), epoch, valid_dice, run.amp)
+    # best before last: a crash between the two resumes from the older last.pt, which redoes this epoch.
+    if improved:
+        ckpt.save_checkpoint(run.run_dir / ckpt.BEST_NAME, **contents)
+    ckpt.save_checkpoint(
+        run.run_dir / ckpt.LAST_NAME, **contents, training=run_state.training_state(run.trainer, run.progress)
+    )
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    with atomic_write(path, "w") as file:
+        file.write(text.getvalue())
+
+
+@contextlib.contextmanager
+def explained_stops(run: Run) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM), a diverged loss and a full GPU end the run with what to do next, not a traceback."""
+    args, progress, processes = run.args, run.progress, run.processes
+    try:
+        yield
     except KeyboardInterrupt:
         # torchrun passes the terminal's Ctrl-C (or a scheduler's SIGTERM) on again: a second one must not
         # cut this message short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("\nInterrupted.", file=sys.stderr)
-        if finished_epoch:
+        if progress.finished_epoch:
+            command = processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
             print(
-                f"{display_path(run_dir / ckpt.LAST_NAME)} holds the end of epoch {finished_epoch}; continue with:\n"
-                f"  {processes.resume_command(display_path(Path(__file__)), display_path(run_dir))}",
+                f"{display_path(run.run_dir / ckpt.LAST_NAME)} holds the end of epoch {progress.finished_epoch}; "
+                f"continue with:\n  {command}",
                 file=sys.stderr,
             )
         else:
             print("No epoch had finished, so there is nothing to resume; start the run again.", file=sys.stderr)
-            if processes.is_main and not any(run_dir.iterdir()):
-                run_dir.rmdir()
+            if processes.is_main and not any(run.run_dir.iterdir()):
+                run.run_dir.rmdir()
         sys.exit(130)
     except NonFiniteLoss as error:
         if not processes.is_main:
             sys.exit(1)  # every process stopped at the same step; rank 0 says why
         raise PetsegError(
-            f"the training loss became {error.value} at epoch {finished_epoch + 1}, step {error.step}: "
-            "the run diverged. "
+            f"the training loss became NaN or infinite at epoch {progress.finished_epoch + 1}, step {error.step} "
+            f"(seen at step {error.noticed_at}: the loss is read every {READ_EVERY} steps): the run diverged. "
             f"Try a lower -lr (this run used {args.learning_rate:g}) or --no-amp. The best checkpoint so far "
-            f"(epoch {best_epoch}) is kept in {display_path(run_dir)}."
+            f"(epoch {progress.best_epoch}) is kept in {display_path(run.run_dir)}."
         ) from error
     except torch.cuda.OutOfMemoryError as error:
         raise PetsegError(
@@ -693,22 +704,42 @@ def train_and_test(
             "using the GPU."
         ) from error
 
+
+# ----------------------------------------------------------------------------- test and results
+
+
+def test_best(run: Run) -> EvalResult:
+    """best.pt's scores on the test split, decoded afresh, once, to also score each image at its own size
+    (the same loader inference.py uses)."""
+    args, processes = run.args, run.processes
+    distributed.barrier()  # best.pt is written
+    run.trainer.validated().load_state_dict(ckpt.load_checkpoint(run.run_dir / ckpt.BEST_NAME)["model_state"])
+    test_loader = eval_loader(
+        run.data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.batch_size // processes.world_size,
+        args.num_workers, run.device, skip_bad=args.skip_bad, original_masks=True, shard=processes.shard,
+    )
+    return evaluate(run.trainer.validated(), test_loader, run.device, amp=run.amp, loss_fn=run.loss_fn, desc="test")
+
+
+def write_results(run: Run, test: EvalResult) -> None:
+    """Print the test scores; rank 0 writes results.json and shrinks last.pt to the final weights."""
+    progress, run_dir = run.progress, run.run_dir
     print(
-        f"Best valid Dice {best_dice:.4f} at epoch {best_epoch}; test set ({len(test.per_image_dice)} images) "
-        "with that checkpoint:"
+        f"Best valid Dice {progress.best_dice:.4f} at epoch {progress.best_epoch}; test set "
+        f"({len(test.per_image_dice)} images) with that checkpoint:"
     )
     print(format_result("test", test))
-    if not processes.is_main:
+    if not run.processes.is_main:
         return
     results = {
-        "network": args.network,
+        "network": run.args.network,
         "checkpoint": ckpt.BEST_NAME,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "valid_dice": best_dice,
+        "best_epoch": progress.best_epoch,
+        "epochs_run": len(progress.history),
+        "valid_dice": progress.best_dice,
         "test": test.summary(),
-        "train_seconds": sum(row["seconds"] for row in history),
-        "args": plain_args(args),
+        "train_seconds": sum(row["seconds"] for row in progress.history),
+        "args": run_state.plain_args(run.args),
     }
     with atomic_write(run_dir / "results.json", "w") as file:
         json.dump(results, file, indent=2)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -115,10 +117,11 @@ def auxiliary_loss(
 
 
 def select_device(name: str = "auto", purpose: str = "training") -> torch.device:
-    """'auto' picks CUDA, then Apple's MPS, then the CPU with a note fitting `purpose` ("training" or "prediction")."""
+    """'auto' picks CUDA, then Apple's MPS, then the CPU with a note fitting `purpose` ("training" or "prediction").
+    A CUDA GPU this PyTorch build has no kernels for is refused here, before its first kernel would fail."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return check_cuda_build(torch.device("cuda"))
         if torch.backends.mps.is_available():
             return torch.device("mps")
         if purpose == "training":
@@ -131,7 +134,54 @@ def select_device(name: str = "auto", purpose: str = "training") -> torch.device
         raise PetsegError("--device cuda was asked for, but torch sees no CUDA device. Use --device auto or cpu.")
     if name == "mps" and not torch.backends.mps.is_available():
         raise PetsegError("--device mps was asked for, but this torch has no MPS device. Use --device auto or cpu.")
-    return torch.device(name)
+    return check_cuda_build(torch.device(name)) if name == "cuda" else torch.device(name)
+
+
+# PyTorch's CUDA 12.6 build has kernels for compute capability 5.0 to 9.0; 2.14 is the last release to ship it.
+LEGACY_CUDA_INSTALL = 'pip install "torch<2.15" "torchvision<0.30" --index-url https://download.pytorch.org/whl/cu126'
+
+
+def _arch_number(arch: str) -> tuple[int, int] | None:
+    """'sm_86' or 'compute_90' (or 'sm_90a') as (8, 6) or (9, 0)."""
+    digits = re.fullmatch(r"(?:sm|compute)_(\d+)(\d)[a-z]?", arch)
+    return (int(digits[1]), int(digits[2])) if digits else None
+
+
+def build_runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a build with these architectures has kernels for a GPU of this compute capability: a
+    binary for sm_XY runs on X.Y and later minors of major X; PTX (compute_XY) is compiled for X.Y and later."""
+    for arch in arch_list:
+        number = _arch_number(arch)
+        if number is None:
+            continue
+        if arch.startswith("sm_") and number[0] == capability[0] and number[1] <= capability[1]:
+            return True
+        if arch.startswith("compute_") and number <= capability:
+            return True
+    return False
+
+
+def check_cuda_build(device: torch.device) -> torch.device:
+    """`device`, unless this PyTorch build has no kernels for its GPU: then one error naming the GPU, its
+    compute capability and the install that has them (or the CPU)."""
+    capability = torch.cuda.get_device_capability(device)
+    arch_list = torch.cuda.get_arch_list()
+    if not arch_list or build_runs_on(capability, arch_list):
+        return device
+    gpu = f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]})"
+    numbers = [number for number in map(_arch_number, arch_list) if number is not None]
+    built = f"torch {torch.__version__} has kernels for compute capability {min(numbers)[0]}.{min(numbers)[1]} to " \
+        f"{max(numbers)[0]}.{max(numbers)[1]}"
+    if capability < min(numbers) and capability >= (5, 0):
+        fix = f"Install PyTorch's CUDA 12.6 build, which has them:\n  {LEGACY_CUDA_INSTALL}"
+    elif capability < min(numbers):
+        fix = "No PyTorch build of the last years supports it"
+    else:
+        fix = "Install a newer PyTorch: pip install --upgrade torch torchvision"
+    raise PetsegError(
+        f"the GPU {gpu} cannot run this PyTorch: {built}, so its first operation would fail with 'no kernel "
+        f"image is available for execution on the device'. {fix}\nor pass --device cpu (slow, but it works)."
+    )
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
@@ -145,6 +195,12 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cpu":
         return torch.bfloat16
     return torch.float16
+
+
+def default_amp(device: torch.device) -> bool:
+    """Mixed precision by default on CUDA GPUs with tensor cores (compute capability 7.0, Volta, and later);
+    P100s and GTX 10xx have none, so half precision would only add rounding there. Off elsewhere."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 def needs_loss_scaling(device: torch.device, amp: bool) -> bool:
@@ -161,8 +217,42 @@ def describe_precision(device: torch.device, amp: bool) -> str:
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward pass when enabled; a no-op otherwise."""
-    return torch.autocast(device.type, dtype=autocast_dtype(device), enabled=enabled)
+    """Mixed precision for the forward pass when enabled. When not, torch.autocast is not entered at all:
+    some releases refuse it on MPS even disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=autocast_dtype(device))
+
+
+def non_blocking(device: torch.device) -> bool:
+    """Whether copies to `device` may be asynchronous: on CUDA, from page-locked memory. Not on MPS, where
+    asynchronous copies from pageable memory have read memory already freed in some releases."""
+    return device.type == "cuda"
+
+
+def fused_optimizer(device: torch.device) -> bool:
+    """AdamW's fused kernel on CUDA: fewer launches, and with float16 loss scaling no wait for the GPU at
+    every step (the GradScaler hands it the overflow flag on the device). Elsewhere the default one."""
+    return device.type == "cuda"
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """cuDNN picks the fastest convolution algorithms for the run's fixed shapes (cudnn.benchmark); with
+    `deterministic`, every operation that has a deterministic algorithm uses it (and warns where none exists),
+    so that a GPU run is repeatable, at some speed."""
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it is read when cuBLAS starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@functools.lru_cache(maxsize=None)
+def device_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A small float32 tensor of constants (channel weights, mean, std) as (1, C, 1, 1), made once per device
+    rather than copied there at every step."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
 def seed_everything(seed: int) -> None:

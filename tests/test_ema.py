@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import train
+from ema import MovingAverage
 
 
 def test_the_average_warms_up_then_decays_at_the_given_rate() -> None:
     model = torch.nn.Linear(1, 1, bias=False)
-    average = train.moving_average(model, decay=0.9)
+    average = MovingAverage(model, decay=0.9)
     expected = model.weight.item()
     for step in range(1, 40):
         with torch.no_grad():

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 import batches
 import cache
 import checkpoint as ckpt
+import run_state
 import train
 import utils
 from augment import augment_batch
@@ -216,12 +217,12 @@ def test_resuming_on_a_training_set_of_another_size_is_refused(
 
 def test_the_loss_scale_carries_over_only_between_fp16_runs() -> None:
     fp16 = torch.amp.GradScaler("cpu", enabled=True)
-    train.restore_scaler(fp16, {})  # from a bf16 or fp32 run: the scaler starts afresh
+    run_state.restore_scaler(fp16, {})  # from a bf16 or fp32 run: the scaler starts afresh
     assert fp16.get_scale() == torch.amp.GradScaler("cpu").get_scale()
-    train.restore_scaler(fp16, FP16_SCALER)
+    run_state.restore_scaler(fp16, FP16_SCALER)
     assert fp16.get_scale() == 1024.0
     off = torch.amp.GradScaler("cpu", enabled=False)
-    train.restore_scaler(off, FP16_SCALER)  # an fp16 run resumed with bf16
+    run_state.restore_scaler(off, FP16_SCALER)  # an fp16 run resumed with bf16
     assert not off.is_enabled()
 
 
@@ -306,11 +307,10 @@ def test_cached_and_per_image_training_see_the_same_batches(synthetic_pets: Path
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: page-locked memory is CUDA's")
 def test_a_cache_kept_on_the_cpu_for_a_gpu_copies_batches_from_pinned_memory(
-    synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_pets: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(batches, "fits_on_device", lambda split, device: False)  # as for a cache too big for the GPU
     split = load_or_build(load_dataset(synthetic_pets, "valid", image_size=32), 32, tmp_path)
-    source = batches._CachedSource(split, torch.device("cuda"))
+    source = batches._CachedSource(split, torch.device("cuda"))  # left on the CPU, as place_cache does for a big one
     assert not source.images.is_pinned(), "nothing is pinned for nothing"
     index = torch.tensor([3, 1])
     staged = source.gather(source.images, index)

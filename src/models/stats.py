@@ -31,3 +31,20 @@ def count_flops(model: nn.Module, image_size: int, backward: bool = False) -> in
             loss = F.binary_cross_entropy_with_logits(logits, target)
             (loss + auxiliary_loss(F.binary_cross_entropy_with_logits, aux_logits, target)).backward()
     return counter.get_total_flops()
+
+
+# Tensors kept for the backward pass per image at 256², in MiB, measured on the CPU with torch's saved-tensor
+# hooks (batch 4 minus batch 2, default architectures): float32, bfloat16 autocast. Half-precision runs keep
+# about half. A GPU measures the whole footprint (benchmarks/gpu_check.py prints it per image).
+SAVED_MIB_PER_IMAGE_256 = {"unet": (327.0, 171.0), "resnet34_unet": (92.0, 47.0)}
+# The gradients of those activations, cuDNN workspaces and the augmentation's temporaries come on top.
+WORKSPACE_FACTOR = 1.5
+# Weights, their gradients and AdamW's two moments, in float32.
+BYTES_PER_PARAMETER = 16
+
+
+def training_bytes(network: str, image_size: int, batch_size: int, half_precision: bool, parameters: int) -> int:
+    """An estimate of the GPU memory a training step takes: what the GPU-resident cache must leave free."""
+    full, half = SAVED_MIB_PER_IMAGE_256[network]
+    per_image = (half if half_precision else full) * 2**20 * (image_size / 256) ** 2 * WORKSPACE_FACTOR
+    return int(per_image * batch_size + parameters * BYTES_PER_PARAMETER)

@@ -1,0 +1,180 @@
+"""What a run's checkpoints hold and what --resume restores: in one place, so the two cannot drift apart.
+
+best.pt and last.pt both hold everything inference needs (checkpoint_contents); last.pt also holds the
+training state (training_state), which --resume puts back (restore) after merge_resumed_flags has given
+the run its saved recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import checkpoint as ckpt
+import distributed
+from batches import TrainBatches
+from ema import MovingAverage
+from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
+from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
+from utils import PetsegError, display_path, restore_rng_states, rng_states
+
+# Flags that describe the machine rather than the experiment: --resume may change them.
+RESUMABLE_FLAGS = (
+    "data_path", "no_download", "skip_bad", "no_cache", "cache_dir", "device", "num_workers", "channels_last",
+    "sync_bn", "compile", "deterministic", "resume",
+)
+PATH_FLAGS = ("data_path", "save_dir", "cache_dir")
+
+
+@dataclass
+class Trainer:
+    """What trains: the model as it trains (under DDP or torch.compile when used), its optimiser and the rest."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loader: TrainBatches
+    ema: MovingAverage | None = None
+
+    def validated(self) -> nn.Module:
+        """The weights that are validated, kept in best.pt and tested: the moving average with --ema."""
+        return self.ema.module if self.ema is not None else distributed.unwrap(self.model)
+
+
+@dataclass
+class Progress:
+    """How far a run has come: every finished epoch's row of history.csv and the best valid Dice so far."""
+
+    history: list[dict] = field(default_factory=list)
+    best_dice: float = -1.0
+    best_epoch: int = 0
+    finished_epoch: int = 0
+
+
+def plain(value: object) -> object:
+    return str(value) if isinstance(value, Path) else value
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """The run's flags as plain types, so a checkpoint holding them loads with weights_only=True."""
+    return {key: plain(value) for key, value in vars(args).items()}
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """The architecture's options from the flags, as plain types (the checkpoint keeps them for inference)."""
+    kwargs: dict = {"deep_supervision": args.deep_supervision}
+    if args.network == "resnet34_unet":
+        kwargs["decoder_channels"] = list(args.decoder_channels or DEFAULT_DECODER_CHANNELS)
+        kwargs["full_resolution_skip"] = args.full_res_skip
+    return kwargs
+
+
+def checkpoint_contents(args: argparse.Namespace, model: nn.Module, epoch: int, valid_dice: float, amp: bool) -> dict:
+    """What best.pt and last.pt hold for inference: the network, its options and weights, and how inputs are made."""
+    return {
+        "network": args.network,
+        "model_kwargs": model_kwargs(args),
+        "model_state": model.state_dict(),
+        "image_size": args.image_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "epoch": epoch,
+        "valid_dice": valid_dice,
+        "amp": amp,
+        "args": plain_args(args),
+    }
+
+
+def training_state(trainer: Trainer, progress: Progress) -> dict:
+    """What last.pt holds beyond checkpoint_contents, for --resume to continue exactly."""
+    state = {
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "loader_generator": trainer.loader.generator.get_state(),
+        "train_images": trainer.loader.n_images,
+        "rng": rng_states(),
+        "history": progress.history,
+        "best_dice": progress.best_dice,
+        "best_epoch": progress.best_epoch,
+    }
+    if trainer.ema is not None:  # model_state holds the average; resuming needs the raw weights too
+        state.update(ema=trainer.ema.state_dict(), raw_model=distributed.unwrap(trainer.model).state_dict())
+    return state
+
+
+def raw_weights(resume_from: dict) -> dict:
+    """The weights training continues from: with --ema, model_state holds the average and the raw ones are apart."""
+    return resume_from["training"].get("raw_model", resume_from["model_state"])
+
+
+def restore(resume_from: dict, trainer: Trainer) -> Progress:
+    """Put last.pt's training state back into `trainer` (whose model already holds raw_weights)."""
+    state = resume_from["training"]
+    # The optimiser's kernel choice is this machine's (fused on CUDA), not the one of the machine that saved it.
+    kernels = {key: trainer.optimizer.param_groups[0].get(key) for key in ("fused", "foreach")}
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    for group in trainer.optimizer.param_groups:
+        group.update(kernels)
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    restore_scaler(trainer.scaler, state["scaler"])
+    if trainer.ema is not None:
+        trainer.ema.load_state_dict(state["ema"])
+    trainer.loader.generator.set_state(state["loader_generator"])
+    restore_rng_states(state["rng"])
+    epoch = resume_from["epoch"]
+    return Progress(state["history"], state["best_dice"], state["best_epoch"], finished_epoch=epoch)
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """A run may resume with another precision (another GPU, or none): only a float16 run's loss scale
+    carries over to a float16 run; otherwise the scaler starts afresh or stays off."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+
+
+def check_same_training_set(resume_from: dict, n_images: int, run_dir: Path, data_path: Path) -> None:
+    saved_images = resume_from["training"].get("train_images", n_images)
+    if saved_images != n_images:
+        raise PetsegError(
+            f"{display_path(run_dir)} trained on {saved_images} images, but {display_path(data_path)} now gives "
+            f"{n_images}; its learning-rate schedule is fixed to that many steps. Resume with the "
+            "data (and --skip-bad choice) it was trained on."
+        )
+
+
+def merge_resumed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+    """For --resume: the saved run's flags, with only the machine's (RESUMABLE_FLAGS) taken from the command
+    line; a recipe flag given with another value is a flag error. Returns the flags and the loaded last.pt."""
+    resume_path = ckpt.resolve_checkpoint_path(args.resume, ckpt.LAST_NAME)
+    finished = (resume_path.parent / "results.json").exists()
+    resume_from = ckpt.load_checkpoint(resume_path)
+    if "training" not in resume_from and not (finished and resume_path.name == ckpt.LAST_NAME):
+        raise ckpt.CheckpointError(
+            f"{args.resume} holds weights only (a best.pt?); --resume needs the run's last.pt or its folder."
+        )
+    saved = resume_from["args"]
+    for key, value in vars(args).items():
+        changed = value != parser.get_default(key)
+        if key not in RESUMABLE_FLAGS and changed and plain(value) != saved.get(key):
+            parser.error(
+                f"--{key.replace('_', '-')} {plain(value)} differs from the resumed run's {saved.get(key)}; "
+                "a resumed run keeps its recipe. Start a new run to change it."
+            )
+    overrides = {
+        key: plain(getattr(args, key)) for key in RESUMABLE_FLAGS if getattr(args, key) != parser.get_default(key)
+    }
+    # Defaults first: a run saved before a flag existed resumes with that flag's default.
+    merged = {**{key: plain(parser.get_default(key)) for key in vars(args)}, **saved, **overrides}
+    args = argparse.Namespace(**{**merged, **{key: Path(merged[key]) for key in PATH_FLAGS}})
+    args.resume = resume_path
+    if finished:
+        raise PetsegError(
+            f"{display_path(resume_path.parent)} has finished (see its results.json); there is nothing to resume."
+        )
+    return args, resume_from
