@@ -121,7 +121,7 @@ def image_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argument_parser(
         "Train a segmentation model on Oxford-IIIT Pet and report its test Dice. Defaults are the recommended "
-        "recipe for one CUDA GPU; under torchrun the same command trains on several (see README, More GPUs)."
+        "recipe for one CUDA GPU; under torchrun the same command trains on several (see docs/platforms.md)."
     )
     data = parser.add_argument_group("data")
     data.add_argument(
