@@ -22,7 +22,7 @@ import checkpoint as ckpt
 import distributed
 from cli import argument_parser
 from oxford_pet import DEFAULT_DATA_PATH, SPLITS, OxfordPetSegmentation, build_transform, prepare_dataset
-from utils import autocast, display_path, logits_to_mask, per_image_dice, run_script, select_device
+from utils import autocast, default_amp, display_path, logits_to_mask, per_image_dice, run_script, select_device
 
 
 @dataclass
@@ -332,7 +332,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--amp", action=argparse.BooleanOptionalAction, default=None,
-        help="mixed precision on or off (default: on when the checkpoint's run used it and the device is CUDA)",
+        help="mixed precision on or off (default: on when the checkpoint's run used it and the GPU has tensor "
+        "cores, compute capability 7.0 and newer)",
     )
     parser.add_argument(
         "--tta", action="store_true",
@@ -380,7 +381,7 @@ def load_for_eval(args: argparse.Namespace) -> Predictor:
     device = select_device(args.device, purpose="prediction")
     model = ckpt.model_from_checkpoint(checkpoints[0]) if len(checkpoints) == 1 else Ensemble(checkpoints).eval()
     used_amp = all(checkpoint.get("amp", False) for checkpoint in checkpoints)
-    amp = args.amp if args.amp is not None else used_amp and device.type == "cuda"
+    amp = args.amp if args.amp is not None else used_amp and default_amp(device)
     return Predictor(model.to(device), checkpoints, paths, device, amp)
 
 
