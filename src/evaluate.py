@@ -22,7 +22,16 @@ import checkpoint as ckpt
 import distributed
 from cli import argument_parser
 from oxford_pet import DEFAULT_DATA_PATH, SPLITS, OxfordPetSegmentation, build_transform, prepare_dataset
-from utils import autocast, default_amp, display_path, logits_to_mask, per_image_dice, run_script, select_device
+from utils import (
+    autocast,
+    default_amp,
+    display_path,
+    logits_to_mask,
+    non_blocking,
+    per_image_dice,
+    run_script,
+    select_device,
+)
 
 
 @dataclass
@@ -174,19 +183,21 @@ def evaluate(
     ones (eval_loader(original_masks=True)) to also score each image at its own size.
     The loss is NaN when no loss_fn is given."""
     model.eval()
-    loss_sum = 0.0
-    pooled, pooled_original = PooledPixels(), PooledPixels()
+    # Summed on the device and read once at the end: a read per batch would make the host wait for the GPU.
+    losses = []
+    counts = torch.zeros(4, dtype=torch.int64, device=device)  # PooledPixels' intersection, union, predicted, truth
+    pooled_original = PooledPixels()
     dices, originals, image_size = [], [], None
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        images = batch[0].to(device, non_blocking=True)
-        masks = batch[1].to(device, non_blocking=True)
+        images = batch[0].to(device, non_blocking=non_blocking(device))
+        masks = batch[1].to(device, non_blocking=non_blocking(device))
         logits = predict_logits(model, images, amp, tta)
         image_size = tuple(images.shape[-2:])
         if loss_fn is not None:
-            loss_sum += loss_fn(logits, masks).item() * len(images)
+            losses.append(loss_fn(logits, masks) * len(images))
         pred, gt = logits_to_mask(logits), masks.bool()
-        dices.append(per_image_dice(pred, gt).cpu())
-        pooled.add(pred, gt)
+        dices.append(per_image_dice(pred, gt))
+        counts += torch.stack([(pred & gt).sum(), (pred | gt).sum(), pred.sum(), gt.sum()])
         if len(batch) == 3:
             originals += [
                 score_at_original_size(logit, original.to(device), pooled_original)
@@ -194,12 +205,14 @@ def evaluate(
             ]
     # Under torchrun each process scored its own share of the images: pool them, each image once.
     # A process may hold no image (more processes than images); it still joins every gathering.
-    per_image = torch.tensor(distributed.concat_across([dice for batch in dices for dice in batch.tolist()]))
+    local_dices = torch.cat(dices).tolist() if dices else []
+    per_image = torch.tensor(distributed.concat_across(local_dices))
     image_size = next(size for size in distributed.concat_across([image_size]) if size is not None)
     originals = distributed.concat_across(originals)
-    loss_sum = distributed.sum_across([loss_sum])[0]
+    loss_sum = distributed.sum_across([sum(torch.stack(losses).tolist()) if losses else 0.0])[0]
     pooled, pooled_original = (
-        PooledPixels(*map(round, distributed.sum_across(astuple(counts)))) for counts in (pooled, pooled_original)
+        PooledPixels(*map(round, distributed.sum_across(values)))
+        for values in (counts.tolist(), astuple(pooled_original))
     )
     return EvalResult(
         loss=loss_sum / len(per_image) if loss_fn is not None else float("nan"),
