@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cli import argument_parser  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
-from models.stats import count_flops, count_parameters  # noqa: E402
+from models.stats import count_flops, count_parameters, count_saved_bytes  # noqa: E402
 
 # (train.py flags, network, constructor arguments) of the options, beside the defaults.
 OPTIONS = [
@@ -40,6 +40,14 @@ def main() -> None:
             forward = count_flops(model.eval(), args.image_size, backward=False)
             train_step = count_flops(model.train(), args.image_size, backward=True)
             print(f"| {label} | {params / 1e6:.2f} | {forward / 1e9:.2f} | {train_step / 1e9:.2f} |")
+    print(f"\nKept for the backward pass, MiB per image at {args.image_size}² (measured at 64², scaled):\n")
+    print("| model | float32 | bfloat16 autocast |")
+    print("|---|---:|---:|")
+    for name in MODEL_NAMES:
+        model = build_model(name)
+        scale = (args.image_size / 64) ** 2 / 2**20
+        full, half = (count_saved_bytes(model, 64, half) * scale for half in (False, True))
+        print(f"| {name} | {full:.0f} | {half:.0f} |")
 
 
 if __name__ == "__main__":

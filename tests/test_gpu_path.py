@@ -20,6 +20,7 @@ from batches import TrainBatches, place_cache, prefetched
 from cache import CachedSplit
 from host_syncs import HostSyncCounter
 from models import build_model
+from models.stats import SAVED_MIB_PER_IMAGE_256, count_saved_bytes
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -264,6 +265,12 @@ def test_an_out_of_memory_upload_falls_back_to_page_locked_batches_with_a_note(
 ) -> None:
     assert splits_moved_by(monkeypatch, free=15 * GiB, upload_fails=True) == []
     assert "the upload to the GPU ran out of memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("network", ["unet", "resnet34_unet"])
+def test_the_stated_activation_footprint_is_what_the_networks_keep(network: str) -> None:
+    full, half = (count_saved_bytes(build_model(network), 32, half) * (256 / 32) ** 2 / 2**20 for half in (False, True))
+    assert (full, half) == pytest.approx(SAVED_MIB_PER_IMAGE_256[network], rel=0.02)
 
 
 class Reserved(Exception):

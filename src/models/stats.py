@@ -33,9 +33,29 @@ def count_flops(model: nn.Module, image_size: int, backward: bool = False) -> in
     return counter.get_total_flops()
 
 
-# Tensors kept for the backward pass per image at 256², in MiB, measured on the CPU with torch's saved-tensor
-# hooks (batch 4 minus batch 2, default architectures): float32, bfloat16 autocast. Half-precision runs keep
-# about half. A GPU measures the whole footprint (benchmarks/gpu_check.py prints it per image).
+def count_saved_bytes(model: nn.Module, image_size: int, half_precision: bool = False) -> int:
+    """Bytes of the tensors a training forward pass keeps for the backward pass, per image: batch 4 minus
+    batch 2 (so the weights, kept once, drop out), on the CPU, under bfloat16 autocast if half_precision."""
+
+    def saved(batch: int) -> int:
+        storages: dict[int, int] = {}
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        images = torch.randn(batch, 3, image_size, image_size)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half_precision):
+                model.train()(images)
+        return sum(storages.values())
+
+    return (saved(4) - saved(2)) // 2
+
+
+# Tensors kept for the backward pass per image at 256², in MiB: float32, bfloat16 autocast, by
+# count_saved_bytes (`python benchmarks/model_stats.py`, measured at 64² and scaled by the pixels). A GPU
+# measures the whole footprint (benchmarks/gpu_check.py prints it per image).
 SAVED_MIB_PER_IMAGE_256 = {"unet": (327.0, 171.0), "resnet34_unet": (92.0, 47.0)}
 # The gradients of those activations, cuDNN workspaces and the augmentation's temporaries come on top.
 WORKSPACE_FACTOR = 1.5
