@@ -166,7 +166,13 @@ def compare_with_pytorch(
         images = torch.randn(shape, generator=generator)
         with torch.no_grad():
             expected = model(images).numpy()
-        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})
+        try:
+            (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})
+        except Exception as error:  # noqa: BLE001 - onnxruntime's errors share no base class but Exception
+            raise PetsegError(
+                f"onnxruntime could not run the exported model on input {shape}: {' '.join(str(error).split())}; "
+                "nothing was written. Please report it with the checkpoint's network and model_kwargs."
+            ) from error
         if logits.shape != expected.shape:
             raise PetsegError(
                 f"the exported model gives logits of shape {logits.shape} for input {shape}, PyTorch {expected.shape}; "
