@@ -29,6 +29,7 @@ SCRIPTS = [
     REPO_ROOT / "src" / "evaluate.py",
     REPO_ROOT / "src" / "inference.py",
     REPO_ROOT / "src" / "compare.py",
+    REPO_ROOT / "src" / "export.py",
     REPO_ROOT / "tools" / "make_synthetic_pets.py",
     *sorted((REPO_ROOT / "benchmarks").glob("*.py")),
 ]
