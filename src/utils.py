@@ -172,15 +172,15 @@ def check_cuda_build(device: torch.device) -> torch.device:
     numbers = [number for number in map(_arch_number, arch_list) if number is not None]
     built = f"torch {torch.__version__} has kernels for compute capability {min(numbers)[0]}.{min(numbers)[1]} to " \
         f"{max(numbers)[0]}.{max(numbers)[1]}"
-    if capability < min(numbers) and capability >= (5, 0):
-        fix = f"Install PyTorch's CUDA 12.6 build, which has them:\n  {LEGACY_CUDA_INSTALL}"
+    if (5, 0) <= capability < min(numbers):
+        fix = f"Install PyTorch's CUDA 12.6 build, which has them:\n  {LEGACY_CUDA_INSTALL}\nor pass"
     elif capability < min(numbers):
-        fix = "No PyTorch build of the last years supports it"
+        fix = "PyTorch's builds start at compute capability 5.0 (its CUDA 12.6 build), so pass"
     else:
-        fix = "Install a newer PyTorch: pip install --upgrade torch torchvision"
+        fix = "Install a newer PyTorch, which has them:\n  pip install --upgrade torch torchvision\nor pass"
     raise PetsegError(
         f"the GPU {gpu} cannot run this PyTorch: {built}, so its first operation would fail with 'no kernel "
-        f"image is available for execution on the device'. {fix}\nor pass --device cpu (slow, but it works)."
+        f"image is available for execution on the device'. {fix} --device cpu to run on the CPU (slow, but it works)."
     )
 
 
