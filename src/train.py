@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import distributed
+import storage
 from batches import EvalBatches, TrainBatches
 from cache import DEFAULT_CACHE_DIR, cache_bytes, cache_fits_in_memory, load_or_build
 from cli import argument_parser
@@ -296,6 +297,7 @@ def parse_args(
             f"{processes.world_size} processes, and does not divide by {processes.world_size}. "
             f"Use a multiple of {processes.world_size}."
         )
+    storage.check_before_training(parser, args, model_kwargs(args), talks=processes.is_main)
     return args, resume_from
 
 
@@ -624,7 +626,8 @@ def train_and_test(
                 f"valid loss {valid.loss:.4f} dice {valid.dice:.4f}  {history[-1]['seconds']:.1f}s"
                 f"{'  *best' if improved else ''}"
             )
-            with sigint_deferred():
+            resume_command = processes.resume_command(display_path(Path(__file__)), display_path(run_dir))
+            with sigint_deferred(), storage.write_failures_explained(run_dir, resume_command):
                 if processes.is_main:
                     write_history(history, run_dir / "history.csv")
                     plot_learning_curves(

@@ -1,0 +1,292 @@
+"""The machine's own faults and the photos users bring: a full disk, folders that cannot be written, a
+damaged cache, a container's memory limit, huge photos and a GPU out of memory each end in one clear
+sentence, with nothing lost.
+
+What CI cannot make is simulated: a write that fails with ENOSPC as a full disk's does, a folder made
+read-only by a patched check, fake cgroup, /proc and vm_stat files. Run as root, a real tmpfs is mounted too.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import tempfile
+from collections import namedtuple
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import checkpoint as ckpt
+import train
+import utils
+from utils import PetsegError
+
+GIB = 2**30
+FAST = ["-e", "2", "-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
+
+
+def script_error(main, capsys: pytest.CaptureFixture) -> str:
+    """What utils.run_script(main) prints, once it has exited 1 as a script does."""
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_script(main)
+    assert exit_info.value.code == 1
+    return capsys.readouterr().err
+
+
+def raise_(error: BaseException):
+    def main() -> None:
+        raise error
+
+    return main
+
+
+# ----------------------------------------------------------------------------- a full disk, when root can make one
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A real 1 MiB file system (tmpfs), mounted when the tests run as root; skipped otherwise."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the simulated full disk covers the same code")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)]).returncode:
+        pytest.skip("this machine does not let root mount a tmpfs (a container without the capability)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+class FullDisk:
+    """The Nth atomic write of a file named `name` fails with ENOSPC after a few bytes, as a full disk does.
+    utils.atomic_write gets the patched mkstemp and fdopen; everything else it does is real."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, nth: int = 1) -> None:
+        self.name, self.nth, self.seen, self.fds = name, nth, 0, set()
+        real_mkstemp, real_fdopen = tempfile.mkstemp, os.fdopen
+
+        def mkstemp(*args, prefix: str = "", **kwargs):
+            fd, path = real_mkstemp(*args, prefix=prefix, **kwargs)
+            if prefix == f".{name}.":
+                self.seen += 1
+                if self.seen == nth:
+                    self.fds.add(fd)
+            return fd, path
+
+        def fdopen(fd: int, *args, **kwargs):
+            file = real_fdopen(fd, *args, **kwargs)
+            return _FillsUp(file) if fd in self.fds else file
+
+        monkeypatch.setattr(utils.tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(utils.os, "fdopen", fdopen)
+
+
+class _FillsUp:
+    def __init__(self, file) -> None:
+        self.file, self.room = file, 100
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.file.close()
+
+
+# ----------------------------------------------------------------------------- operating-system errors at the top
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        ("ENOSPC", "the disk is full"),
+        ("EDQUOT", "quota"),
+        ("EROFS", "read-only file system"),
+        ("EACCES", "permission denied"),
+        ("ENOTDIR", "is a file, not a folder"),
+        ("EEXIST", "already exists"),
+    ],
+)
+def test_an_os_error_reaching_a_script_is_one_paragraph_naming_the_path(
+    code: str, words: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    number = getattr(errno, code)
+    path = tmp_path / "runs" / "best.pt"
+    err = script_error(raise_(OSError(number, os.strerror(number), str(path))), capsys)
+    assert err.startswith(f"error: {utils.display_path(path)}: ") and words in err
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert err.strip().endswith(".") and len(err.split(". ")) >= 2, "what happened, then what to do"
+
+
+def test_a_bug_keeps_its_traceback(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(RuntimeError, match="our bug"):
+        utils.run_script(raise_(RuntimeError("our bug")))
+
+
+def checkpoint_contents(megabytes: int = 1) -> dict:
+    return {
+        "network": "unet", "model_kwargs": {}, "model_state": {"w": torch.zeros(megabytes * 2**18)}, "image_size": 32,
+        "mean": [0.5] * 3, "std": [0.5] * 3, "epoch": 1, "valid_dice": 0.5,
+    }
+
+
+def test_torch_save_on_a_full_disk_names_the_file_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    FullDisk(monkeypatch, "best.pt")
+    target = tmp_path / "best.pt"
+    err = script_error(lambda: ckpt.save_checkpoint(target, **checkpoint_contents()), capsys)
+    assert err.startswith(f"error: {utils.display_path(target)}: the disk is full") and "Traceback" not in err
+    assert not list(tmp_path.iterdir()), "the temporary file is removed"
+
+
+def test_a_real_full_disk_reads_the_same(small_tmpfs: Path, capsys: pytest.CaptureFixture) -> None:
+    target = small_tmpfs / "best.pt"
+    err = script_error(lambda: ckpt.save_checkpoint(target, **checkpoint_contents(4)), capsys)
+    assert err.startswith(f"error: {utils.display_path(target)}: the disk is full") and "Traceback" not in err
+    assert not list(small_tmpfs.iterdir())
+
+
+# ----------------------------------------------------------------------------- checks before training
+
+
+def parse_train(argv: list[str]) -> SimpleNamespace:
+    return train.parse_args(argv)[0]
+
+
+def flag_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def deny_writes_to(monkeypatch: pytest.MonkeyPatch, folder: Path, read_only: bool) -> None:
+    """os.access says `folder` cannot be written, and statvfs says whether its file system is read-only:
+    what root, whom chmod does not stop, cannot otherwise see in CI."""
+    real_access, real_statvfs = os.access, os.statvfs
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != folder and real_access(path, mode))
+
+    def statvfs(path):
+        if Path(path) != folder or not read_only:
+            return real_statvfs(path)
+        return SimpleNamespace(f_flag=os.ST_RDONLY)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file", "read-only", "not yours"])
+def test_a_save_dir_that_cannot_be_written_is_a_flag_error_before_anything_is_written(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "notes.txt").write_text("not a folder\n")
+    (tmp_path / "locked").mkdir()
+    save_dir = {
+        "a file": tmp_path / "notes.txt", "under a file": tmp_path / "notes.txt" / "runs",
+        "read-only": tmp_path / "locked" / "runs", "not yours": tmp_path / "locked" / "runs",
+    }[kind]
+    if kind in ("read-only", "not yours"):
+        deny_writes_to(monkeypatch, tmp_path / "locked", read_only=kind == "read-only")
+    before = sorted(tmp_path.rglob("*"))
+    err = flag_error(["--save-dir", str(save_dir)], capsys)
+    expected = {"a file": "is a file, not a folder", "under a file": "is a file, not a folder",
+                "read-only": "read-only file system", "not yours": "permission denied"}[kind]
+    assert f"--save-dir {save_dir}" in err and expected in err
+    assert sorted(tmp_path.rglob("*")) == before, "nothing is written"
+
+
+@pytest.fixture
+def read_only_tmpfs(small_tmpfs: Path) -> Path:
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    return small_tmpfs
+
+
+def test_a_really_read_only_save_dir_is_a_flag_error(read_only_tmpfs: Path, capsys: pytest.CaptureFixture) -> None:
+    assert "read-only file system" in flag_error(["--save-dir", str(read_only_tmpfs / "runs")], capsys)
+
+
+def test_a_cache_dir_that_is_a_file_is_a_flag_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "cache").write_text("")
+    err = flag_error(["--save-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert f"--cache-dir {tmp_path / 'cache'} is a file" in err and "--no-cache" in err
+    assert parse_train(["--save-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), "--no-cache"])
+
+
+def test_free_space_for_the_checkpoints_is_weighed_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import storage
+
+    sizes = storage.checkpoint_sizes("resnet34_unet", train.model_kwargs(parse_train([])), ema=False)
+    usage = namedtuple("usage", "total used free")
+    argv = ["--save-dir", str(tmp_path / "runs")]
+
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage(0, 0, sizes.first_epoch() - 1))
+    err = flag_error(argv, capsys)
+    assert "need" in err and "best.pt" in err and "last.pt" in err and not (tmp_path / "runs").exists()
+
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage(0, 0, sizes.first_epoch()))
+    parse_train(argv)
+    assert "warning:" in capsys.readouterr().err, "room for the first checkpoints only"
+
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage(0, 0, sizes.replacing()))
+    parse_train(argv)
+    assert "warning" not in capsys.readouterr().err
+    with_ema = storage.checkpoint_sizes("resnet34_unet", train.model_kwargs(parse_train([])), ema=True)
+    assert with_ema.last == sizes.last + sizes.best, "--ema keeps the raw weights in last.pt too"
+
+
+# ----------------------------------------------------------------------------- a disk that fills mid-run
+
+
+def instant_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Epochs of one optimiser step without images (so AdamW has its moments to save) and a valid Dice that
+    rises each epoch: what is saved is real, and takes no time to compute."""
+    scores = iter([0.5, 0.6, 0.7])
+
+    def one_step(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, *args, **kwargs) -> dict:
+        optimizer.zero_grad()
+        sum(parameter.sum() for parameter in model.parameters()).backward()
+        optimizer.step()
+        return {"loss": 1.0, "dice": 0.5}
+
+    monkeypatch.setattr(train, "train_one_epoch", one_step)
+    monkeypatch.setattr(
+        train, "evaluate",
+        lambda *args, **kwargs: SimpleNamespace(loss=1.0, dice=next(scores), dataset_dice=0.5, dataset_iou=0.5),
+    )
+
+
+def test_a_disk_that_fills_mid_run_says_which_checkpoints_are_whole_and_how_to_resume(
+    synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import storage
+
+    instant_epochs(monkeypatch)
+    FullDisk(monkeypatch, ckpt.LAST_NAME, nth=2)  # epoch 2's last.pt
+    argv = ["--data_path", str(synthetic_pets), *FAST, "--no-cache", "--save-dir", str(tmp_path), "--run-name", "r"]
+    with pytest.raises(PetsegError) as error:
+        train.main(argv)
+    run_dir = tmp_path / "r"
+    message = str(error.value)
+    assert message.startswith(f"{utils.display_path(run_dir / 'last.pt')}: the disk is full")
+    assert f"{utils.display_path(run_dir / 'best.pt')} (epoch 2, valid Dice 0.6000)" in message
+    assert f"{utils.display_path(run_dir / 'last.pt')} (the end of epoch 1)" in message
+    assert message.endswith(f"--resume {utils.display_path(run_dir)}")
+    assert not [path.name for path in run_dir.iterdir() if path.name.endswith(".tmp")], "no temporary file is left"
+    last = ckpt.load_checkpoint(run_dir / ckpt.LAST_NAME)
+    assert last["epoch"] == 1 and "training" in last, "the run can resume from it"
+    # The space check's estimate is what the run wrote, give or take the headers it allows for.
+    sizes = storage.checkpoint_sizes("resnet34_unet", train.model_kwargs(parse_train([])), ema=False)
+    for path, estimate in ((run_dir / ckpt.BEST_NAME, sizes.best), (run_dir / ckpt.LAST_NAME, sizes.last)):
+        assert estimate <= path.stat().st_size <= estimate + storage.OTHER_FILES_BYTES / 2
