@@ -16,12 +16,15 @@ from collections import namedtuple
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+import cache
 import checkpoint as ckpt
 import train
 import utils
+from oxford_pet import load_dataset
 from utils import PetsegError
 
 GIB = 2**30
@@ -290,3 +293,125 @@ def test_a_disk_that_fills_mid_run_says_which_checkpoints_are_whole_and_how_to_r
     sizes = storage.checkpoint_sizes("resnet34_unet", train.model_kwargs(parse_train([])), ema=False)
     for path, estimate in ((run_dir / ckpt.BEST_NAME, sizes.best), (run_dir / ckpt.LAST_NAME, sizes.last)):
         assert estimate <= path.stat().st_size <= estimate + storage.OTHER_FILES_BYTES / 2
+
+
+# ----------------------------------------------------------------------------- the decode-once cache
+
+
+def cut_short(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def other_shape(path: Path) -> None:
+    np.save(path, np.zeros((1, 3, 8, 8), dtype=np.uint8))
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-len(data) // 3] ^= 0xFF  # inside the array, past the header: same size, same shape
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damaged", "damage"),
+    [("images", cut_short), ("masks", other_shape), ("images", flip_a_byte), ("masks", flip_a_byte),
+     ("names", cut_short)],
+)
+def test_a_damaged_cache_file_is_rebuilt_with_a_note(
+    damaged: str, damage, synthetic_pets: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    dataset = load_dataset(synthetic_pets, "valid", image_size=32)
+    first = cache.load_or_build(dataset, 32, tmp_path)
+    suffix = ".names.json" if damaged == "names" else f".{damaged}.npy"
+    damage(next(tmp_path.glob(f"*{suffix}")))
+    capsys.readouterr()
+    again = cache.load_or_build(dataset, 32, tmp_path)
+    assert "damaged" in capsys.readouterr().err
+    assert torch.equal(again.images, first.images) and torch.equal(again.masks, first.masks)
+    cache.load_or_build(dataset, 32, tmp_path)
+    assert "damaged" not in capsys.readouterr().err, "the rebuilt cache is whole"
+
+
+@pytest.mark.parametrize("fault", ["under a file", "disk full"])
+def test_a_cache_that_cannot_be_saved_is_kept_in_memory_with_a_note(
+    fault: str, synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    dataset = load_dataset(synthetic_pets, "valid", image_size=32)
+    expected = cache.load_or_build(dataset, 32, tmp_path / "good")
+    (tmp_path / "file").write_text("")
+    cache_dir = tmp_path / "file" / "cache" if fault == "under a file" else tmp_path / "full"
+    if fault == "disk full":
+        FullDisk(monkeypatch, next((tmp_path / "good").glob("*.masks.npy")).name)
+    capsys.readouterr()
+    kept = cache.load_or_build(dataset, 32, cache_dir)
+    err = capsys.readouterr().err
+    assert "cannot be saved" in err and "in memory for this run" in err
+    assert torch.equal(kept.images, expected.images) and kept.names == expected.names
+    assert not (cache_dir.exists() and any(cache_dir.iterdir())), "no half-saved cache or temporary file is left"
+
+
+# ----------------------------------------------------------------------------- memory a container allows
+
+CGROUP_V1_UNLIMITED = "9223372036854771712"
+
+
+@pytest.mark.parametrize(
+    ("membership", "files", "available_gib"),
+    [
+        ("0::/\n", {"memory.max": 2 * GIB, "memory.current": 1.5 * GIB, "memory.stat": "inactive_file 536870912"}, 1),
+        ("0::/\n", {"memory.max": "max", "memory.current": 1 * GIB}, 16),
+        ("0::/slurm/job_1/step_0\n", {"slurm/job_1/memory.max": 4 * GIB, "slurm/job_1/memory.current": 3 * GIB,
+                                      "slurm/job_1/step_0/memory.max": "max",
+                                      "slurm/job_1/step_0/memory.current": 2 * GIB}, 1),
+        ("4:memory:/docker/abc\n3:cpu:/docker/abc\n",
+         {"memory/memory.limit_in_bytes": 3 * GIB, "memory/memory.usage_in_bytes": 1 * GIB}, 2),
+        ("4:memory:/\n", {"memory/memory.limit_in_bytes": CGROUP_V1_UNLIMITED,
+                          "memory/memory.usage_in_bytes": 1 * GIB}, 16),
+        ("0::/\n", {"memory.max": 64 * GIB, "memory.current": 1 * GIB}, 16),
+    ],
+    ids=["v2-container", "v2-no-limit", "v2-slurm-job", "v1-docker", "v1-no-limit", "limit-above-free"],
+)
+def test_the_memory_check_reads_the_cgroup_limit(
+    membership: str, files: dict, available_gib: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {32 * 2**20} kB\nMemAvailable: {16 * 2**20} kB\n")
+    (proc / "self" / "cgroup").write_text(membership)
+    for name, value in files.items():
+        (cgroup / name).parent.mkdir(parents=True, exist_ok=True)
+        (cgroup / name).write_text(f"{value if isinstance(value, str) else int(value)}\n")
+    monkeypatch.setattr(cache, "PROC", proc)
+    monkeypatch.setattr(cache, "CGROUP_ROOT", cgroup)
+    assert cache.available_memory_bytes() == available_gib * GIB
+    assert cache.cache_fits_in_memory(int(0.4 * available_gib * GIB))
+    assert not cache.cache_fits_in_memory(int(0.6 * available_gib * GIB))
+    assert "more than half the free memory" in capsys.readouterr().err
+
+
+VM_STAT = """Mach Virtual Memory Statistics: (page size of 16384 bytes)
+Pages free:                               65536.
+Pages active:                            400000.
+Pages inactive:                          131072.
+Pages speculative:                         1000.
+"""
+
+
+def test_on_macos_free_memory_is_what_vm_stat_says_not_the_total(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(cache.sys, "platform", "darwin")
+    monkeypatch.setattr(
+        cache.subprocess, "run", lambda *args, **kwargs: subprocess.CompletedProcess(args, 0, stdout=VM_STAT)
+    )
+    assert cache.available_memory_bytes() == (65536 + 131072) * 16384  # 3 GiB: free and inactive pages
+
+    def no_vm_stat(*args, **kwargs):
+        raise FileNotFoundError("vm_stat")
+
+    monkeypatch.setattr(cache.subprocess, "run", no_vm_stat)
+    assert cache.available_memory_bytes() is None
+    assert not cache.cache_fits_in_memory(8 * GIB), "unmeasured, a big cache is not risked"
+    assert "cannot be measured" in capsys.readouterr().err
