@@ -19,12 +19,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.utils import draw_segmentation_masks
 
 import cache
 import checkpoint as ckpt
+import evaluate
+import inference
+import oxford_pet
+import plots
 import train
 import utils
-from oxford_pet import load_dataset
+from oxford_pet import DatasetError, load_dataset, read_image
+from test_user_facing import noise, write_run
 from utils import PetsegError
 
 GIB = 2**30
@@ -415,3 +424,143 @@ def test_on_macos_free_memory_is_what_vm_stat_says_not_the_total(
     assert cache.available_memory_bytes() is None
     assert not cache.cache_fits_in_memory(8 * GIB), "unmeasured, a big cache is not risked"
     assert "cannot be measured" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- users' photos
+
+
+def max_pool_erode(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """The outline's erosion before it was made linear: one (2 width + 1)² max-pool."""
+    return -F.max_pool2d(-mask[None, None].float(), 2 * width + 1, stride=1, padding=width)[0, 0] > 0
+
+
+def whole_image_overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """prediction_overlay as it was: drawn on the whole photo at once, in float."""
+    width = max(1, round(min(mask.shape) / 150))
+    inner, innermost = max_pool_erode(mask, width), max_pool_erode(mask, 2 * width)
+    tinted = draw_segmentation_masks(image, mask, alpha=0.4, colors=plots.PREDICTION_COLOR)
+    outline = torch.stack([mask & ~inner, inner & ~innermost])
+    return draw_segmentation_masks(tinted, outline, alpha=1.0, colors=list(plots.OUTLINE_COLORS))
+
+
+def test_the_faster_outline_and_overlay_equal_the_old_ones_on_small_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plots, "STRIP_PIXELS", 1000)  # several strips even on these small images
+    generator = torch.Generator().manual_seed(0)
+    cases = [(1, 1), (1, 9), (9, 1), (13, 17), (40, 31)]
+    for (height, width), density in [(size, density) for size in cases for density in (0.0, 0.3, 0.9, 1.0)]:
+        mask = torch.rand(height, width, generator=generator) < density
+        for erosion in {0, 1, 2, 3, 7, height // 2, max(height, width) + 1}:  # up to wider than the image
+            assert torch.equal(plots._erode(mask, erosion), max_pool_erode(mask, erosion)), (height, width, erosion)
+    for height, width in [*cases, (161, 120), (120, 300)]:  # outlines 1 and 2 pixels wide
+        mask = torch.rand(height, width, generator=generator) < 0.7
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+        assert torch.equal(plots.prediction_overlay(image, mask), whole_image_overlay(image, mask)), (height, width)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the bytes of the largest tensor any operation makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(value, torch.Tensor):
+                self.bytes = max(self.bytes, value.numel() * value.element_size())
+        return result
+
+
+def test_the_overlay_makes_no_copy_of_the_photo_bigger_than_the_photo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plots, "STRIP_PIXELS", 2**14)
+    photo = torch.from_numpy(noise(600, 800)).permute(2, 0, 1)
+    rows, columns = torch.meshgrid(torch.arange(600), torch.arange(800), indexing="ij")
+    mask = (rows - 300) ** 2 + (columns - 400) ** 2 < 250**2
+    with LargestTensor() as largest:
+        plots.prediction_overlay(photo, mask)
+    assert largest.bytes <= photo.numel(), "a float copy of a 48-megapixel photo alone would take 576 MB"
+
+
+def test_photo_workers_hand_over_the_model_input_and_the_size_not_the_photo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = write_run(tmp_path / "run")
+    photos, output = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir()
+    shapes = {"big.png": (90, 120), "small.png": (40, 30), "wide.jpg": (50, 200)}
+    for name, (height, width) in shapes.items():
+        Image.fromarray(noise(height, width)).save(photos / name)
+    handed_over = []
+    real_loader = inference.DataLoader
+
+    def recording_loader(*args, **kwargs):
+        for batch in real_loader(*args, **kwargs):
+            handed_over.append(batch)
+            yield batch
+
+    monkeypatch.setattr(inference, "DataLoader", recording_loader)
+    inference.main(["-m", str(run_dir), "--input", str(photos), "--output", str(output), "-b", "2",
+                    "--num-workers", "0", "--device", "cpu"])
+    inputs, sizes = handed_over[0]
+    assert inputs.shape == (2, 3, 32, 32) and sizes.tolist() == [list(shapes["big.png"]), list(shapes["small.png"])]
+    for name, (height, width) in shapes.items():
+        stem = Path(name).stem
+        with Image.open(output / f"{stem}_mask.png") as mask_file, Image.open(output / f"{stem}_overlay.png") as drawn:
+            assert mask_file.size == (width, height)
+            mask = torch.from_numpy(np.array(mask_file) == 255)
+            overlay = torch.from_numpy(np.array(drawn)).permute(2, 0, 1)
+        assert torch.equal(overlay, plots.prediction_overlay(read_image(photos / name), mask))
+
+
+def test_a_decompression_bomb_is_a_clear_error_and_the_limit_can_be_lifted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photo = tmp_path / "huge.png"
+    Image.fromarray(noise(100, 120)).save(photo)
+    monkeypatch.setattr(oxford_pet.Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses over twice this
+    with pytest.raises(DatasetError, match=r"12,000 pixels.*PETSEG_MAX_IMAGE_PIXELS=12000") as error:
+        read_image(photo)
+    assert str(error.value).startswith(f"{photo}: ")
+    with pytest.raises(PetsegError, match="PETSEG_MAX_IMAGE_PIXELS"):
+        inference.main(["-m", str(write_run(tmp_path / "run")), "--input", str(photo), "--output",
+                        str(tmp_path / "out"), "--device", "cpu"])
+    assert not (tmp_path / "out").exists(), "refused before anything is written"
+    monkeypatch.setenv("PETSEG_MAX_IMAGE_PIXELS", "12000")
+    assert read_image(photo).shape == (3, 100, 120)
+    monkeypatch.setenv("PETSEG_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(DatasetError, match="PETSEG_MAX_IMAGE_PIXELS='lots' is not a number"):
+        read_image(photo)
+
+
+def test_the_dataset_images_share_the_pixel_limit(synthetic_pets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oxford_pet.Image, "MAX_IMAGE_PIXELS", 10)
+    name = oxford_pet.split_names(synthetic_pets, "train")[-1]
+    with pytest.raises(DatasetError, match=f"{name}.jpg: the image is too big to open safely"):
+        oxford_pet.load_sample(synthetic_pets, name)
+
+
+# ----------------------------------------------------------------------------- a GPU out of memory
+
+
+def out_of_memory(*args, **kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("where", ["photos", "test split", "evaluate.py"])
+def test_a_gpu_out_of_memory_while_predicting_says_which_batch_size_to_try(
+    where: str, synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = write_run(tmp_path / "run")
+    monkeypatch.setattr(evaluate, "predict_logits", out_of_memory)
+    monkeypatch.setattr(inference, "predict_logits", out_of_memory)
+    flags = ["-m", str(run_dir), "-b", "8", "--num-workers", "0", "--device", "cpu"]
+    if where == "photos":
+        (tmp_path / "photos").mkdir()
+        Image.fromarray(noise(40, 60)).save(tmp_path / "photos" / "cat.png")
+        flags += ["--input", str(tmp_path / "photos"), "--output", str(tmp_path / "out")]
+    else:
+        flags += ["--data_path", str(synthetic_pets)]
+    main = evaluate.main if where == "evaluate.py" else inference.main
+    with pytest.raises(PetsegError, match=r"ran out of memory predicting with -b 8\. Try a smaller -b \(e\.g\. -b 4\)"):
+        main(flags)
