@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import checkpoint as ckpt
 from models import build_model
@@ -69,9 +70,19 @@ class CheckpointSizes:
         return self.best + 2 * self.last + OTHER_FILES_BYTES
 
 
+class _ShapesOnly(TorchFunctionMode):
+    """Skips the random initialisers, which on the meta device cost most of a second the first time."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.normal_, torch.Tensor.uniform_):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def checkpoint_sizes(network: str, model_kwargs: dict, ema: bool) -> CheckpointSizes:
-    """What best.pt and last.pt will take, from the network's shapes alone (built on the meta device: no memory)."""
-    with torch.device("meta"):
+    """What best.pt and last.pt will take, from the network's shapes alone (built on the meta device: no memory,
+    a few milliseconds)."""
+    with torch.device("meta"), _ShapesOnly():
         model = build_model(network, **model_kwargs)
     weights = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
     moments = 2 * sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
@@ -89,28 +100,41 @@ def check_before_training(
     flag = f"the run folder of --resume, {run_folder}," if resuming else f"--save-dir {run_folder}"
     problem = folder_problem(run_folder)
     if problem is not None:
-        parser.error(f"{flag} {problem}. Pass a --save-dir you can write in; nothing was written.")
+        instead = "resume from a copy of the run folder on a disk you can write" if resuming else (
+            "pass a --save-dir you can write in (a folder, made if missing)"
+        )
+        parser.error(f"{flag} {problem}. Fix that, or {instead}; nothing was written.")
     if not args.no_cache and not nearest_existing(args.cache_dir).is_dir():
         parser.error(
             f"--cache-dir {args.cache_dir} {folder_problem(args.cache_dir)}. Pass a folder (it is made if "
             "missing), or --no-cache."
         )
-    sizes = checkpoint_sizes(args.network, model_kwargs, bool(args.ema))
+    _check_space(parser, flag, run_folder, checkpoint_sizes(args.network, model_kwargs, bool(args.ema)), resuming,
+                 talks)
+
+
+def _check_space(
+    parser: argparse.ArgumentParser, flag: str, run_folder: Path, sizes: CheckpointSizes, resuming: bool, talks: bool
+) -> None:
     free = shutil.disk_usage(nearest_existing(run_folder)).free
     # A resumed run's checkpoints are there already: it needs room for one more written beside them.
     needed_now = sizes.last + OTHER_FILES_BYTES if resuming else sizes.first_epoch()
     needed_later = needed_now if resuming else sizes.replacing()
     parts = f"best.pt {size_text(sizes.best)}, last.pt with the optimiser's state {size_text(sizes.last)}"
     if free < needed_now:
+        instead = "copy the run folder to a disk with room and resume from there" if resuming else (
+            "pass a --save-dir on another disk"
+        )
         parser.error(
             f"{flag} has {size_text(free)} free on its disk, but this run's checkpoints need {size_text(needed_now)} "
-            f"({parts}). Free some space there, or pass a --save-dir on another disk; nothing was written."
+            f"({parts}). Free some space there, or {instead}; nothing was written."
         )
     if free < needed_later and talks:
         print(
             f"warning: {flag} has {size_text(free)} free on its disk; this run's checkpoints ({parts}) take "
             f"{size_text(needed_later)} from epoch 2 on, when each new one is written beside the old one before "
-            "replacing it. The run may stop with the disk full; the checkpoints written until then stay whole.",
+            "replacing it. The run may stop with the disk full; the checkpoints written until then stay whole, and "
+            "it can be resumed once there is room.",
             file=sys.stderr,
         )
 

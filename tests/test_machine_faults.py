@@ -280,7 +280,7 @@ def instant_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_disk_that_fills_mid_run_says_which_checkpoints_are_whole_and_how_to_resume(
-    synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     import storage
 
@@ -302,6 +302,13 @@ def test_a_disk_that_fills_mid_run_says_which_checkpoints_are_whole_and_how_to_r
     sizes = storage.checkpoint_sizes("resnet34_unet", train.model_kwargs(parse_train([])), ema=False)
     for path, estimate in ((run_dir / ckpt.BEST_NAME, sizes.best), (run_dir / ckpt.LAST_NAME, sizes.last)):
         assert estimate <= path.stat().st_size <= estimate + storage.OTHER_FILES_BYTES / 2
+    # The command it prints continues the run, and is checked in turn against the run folder's disk.
+    resume_flags = message.rsplit("train.py ", 1)[1].split()
+    assert parse_train(resume_flags).resume == run_dir / ckpt.LAST_NAME
+    deny_writes_to(monkeypatch, run_dir, read_only=True)
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(resume_flags)
+    assert exit_info.value.code == 2 and "the run folder of --resume" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the decode-once cache
