@@ -274,7 +274,11 @@ def sigint_deferred() -> Iterator[None]:
 def atomic_write(path: Path, mode: str = "wb") -> Iterator:
     """Write to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file whole."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        error.filename = str(path)  # the file the user knows of, not the temporary one beside it
+        raise
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the permissions open() would

@@ -162,6 +162,23 @@ def test_torch_save_on_a_full_disk_names_the_file_and_leaves_no_temporary_file(
     assert not list(tmp_path.iterdir()), "the temporary file is removed"
 
 
+def test_a_file_that_cannot_be_made_is_named_as_the_user_knows_it_not_by_its_temporary_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def read_only(dir: str, prefix: str, suffix: str):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir, f"{prefix}k3x9{suffix}"))
+
+    monkeypatch.setattr(utils.tempfile, "mkstemp", read_only)
+    target = tmp_path / "history.csv"
+
+    def main() -> None:
+        with utils.atomic_write(target, "w") as file:
+            file.write("epoch\n")
+
+    err = script_error(main, capsys)
+    assert err.startswith(f"error: {utils.display_path(target)}: it is on a read-only file system")
+
+
 def test_a_real_full_disk_reads_the_same(small_tmpfs: Path, capsys: pytest.CaptureFixture) -> None:
     target = small_tmpfs / "best.pt"
     err = script_error(lambda: ckpt.save_checkpoint(target, **checkpoint_contents(4)), capsys)
