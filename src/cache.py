@@ -3,7 +3,9 @@ served in whole batches straight from memory (batches.py; on the GPU when traini
 
 JPEG decoding costs milliseconds of a CPU core per photo while the models need far less GPU time,
 so decoding every image every epoch leaves the GPU waiting. The cache is rebuilt by itself when
-the image size or any source file (name, size or modification time) changes.
+the image size or any source file (name, size or modification time) changes, and when a file of
+it is damaged (cut short, of the wrong shape, or failing its CRC-32); where it cannot be saved it
+is kept in memory for the run.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +28,9 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from oxford_pet import OxfordPetSegmentation, image_path, trimap_path
-from utils import REPO_ROOT, atomic_write
+from utils import REPO_ROOT, atomic_write, describe_os_error, display_path
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the names file also holds each array's CRC-32
 DEFAULT_CACHE_DIR = Path(os.environ.get("PETSEG_CACHE_DIR", REPO_ROOT / "dataset" / "cache"))
 
 
@@ -53,20 +58,86 @@ def cache_bytes(n_images: int, size: int) -> int:
 
 # Where free memory cannot be measured, a cache up to this size is still used: any machine that trains has it.
 UNMEASURED_MEMORY_CACHE_LIMIT = 4 * 2**30
+PROC = Path("/proc")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# cgroup v1 writes "no limit" as the largest page-aligned 64-bit number; anything this big is no limit.
+CGROUP_V1_NO_LIMIT = 2**60
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        with open(path) as file:  # open(), not Path.read_text: tests fake a system without /proc through it
+            return file.read()
+    except OSError:
+        return None
+
+
+def _mem_available() -> int | None:
+    """Linux's MemAvailable: what the kernel can hand out now, page cache it can drop included."""
+    for line in (_read_text(PROC / "meminfo") or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _cgroup_left(folder: Path, limit_file: str, usage_file: str, reclaimable_keys: tuple[str, ...]) -> int | None:
+    """One cgroup's limit less its usage, page cache it can drop not counted as used; None when it has no limit."""
+    limit_text, usage_text = _read_text(folder / limit_file), _read_text(folder / usage_file)
+    if limit_text is None or usage_text is None or limit_text.strip() == "max":
+        return None
+    limit = int(limit_text)
+    if limit >= CGROUP_V1_NO_LIMIT:
+        return None
+    stat = dict(line.split() for line in (_read_text(folder / "memory.stat") or "").splitlines() if " " in line)
+    reclaimable = next((int(stat[key]) for key in reclaimable_keys if key in stat), 0)
+    return max(0, limit - max(0, int(usage_text) - reclaimable))
+
+
+def _cgroup_memory_left() -> int | None:
+    """What this process's memory cgroups (a container's, a SLURM job's) still allow: the least over its
+    cgroup and those above it, v2 or v1; None where none sets a limit."""
+    lefts = []
+    for line in (_read_text(PROC / "self" / "cgroup") or "").splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            mount, files = CGROUP_ROOT, ("memory.max", "memory.current", ("inactive_file",))
+        elif "memory" in controllers.split(","):
+            mount, files = CGROUP_ROOT / "memory", (
+                "memory.limit_in_bytes", "memory.usage_in_bytes", ("total_inactive_file", "inactive_file")
+            )
+        else:
+            continue
+        # Inside a container the cgroup's own folder is usually mounted as the root, and the path is not there.
+        folder = mount / path.lstrip("/")
+        folders = [folder, *folder.parents[: len(folder.relative_to(mount).parts)]] if folder.is_dir() else [mount]
+        lefts += [left for left in (_cgroup_left(here, *files) for here in folders) if left is not None]
+    return min(lefts) if lefts else None
+
+
+def _macos_available() -> int | None:
+    """Free plus inactive pages (what macOS hands out without swapping), from vm_stat; None if it cannot run."""
+    try:
+        output = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    page = re.search(r"page size of (\d+) bytes", output)
+    counts = dict(re.findall(r"^Pages (free|inactive):\s+(\d+)\.", output, flags=re.MULTILINE))
+    if page is None or len(counts) < 2:
+        return None
+    return int(page.group(1)) * sum(int(count) for count in counts.values())
 
 
 def available_memory_bytes() -> int | None:
-    """Memory the OS can hand out now, page cache included (Linux's MemAvailable); total memory where
-    only that is known (macOS); None where neither can be read (Windows has neither /proc nor sysconf)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Memory this process may still take: on Linux the smaller of MemAvailable and what its cgroup's limit
+    leaves (a container's, a SLURM job's); on macOS free plus inactive memory; None where it cannot be
+    measured (Windows, or macOS without vm_stat)."""
+    if sys.platform == "darwin":
+        return _macos_available()
+    known = [left for left in (_mem_available(), _cgroup_memory_left()) if left is not None]
+    if known:
+        return min(known)
+    try:  # other Unixes, or a Linux without MemAvailable: free pages alone, which leaves out the page cache
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return None
 
@@ -86,7 +157,8 @@ def cache_fits_in_memory(needed: int) -> bool:
     if needed > available // 2:
         print(
             f"warning: the cache needs {needed / 2**30:.1f} GiB, more than half the free memory "
-            f"({available / 2**30:.1f} GiB); decoding every epoch instead.",
+            f"({available / 2**30:.1f} GiB, within this container's or job's memory limit if it has one); "
+            "decoding every epoch instead.",
             file=sys.stderr,
         )
         return False
@@ -119,34 +191,71 @@ class _Resized(Dataset):
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
 
 
-def _load(files: dict[str, Path], names_file: Path) -> CachedSplit | None:
-    """The cache these files hold, or None when it is incomplete: not built yet, half-built, or
-    removed as stale by a run of another fingerprint while this one was about to read it."""
+def _crc32(array: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
+def _damage(index: object, arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], names: list[str]) -> str:
+    """What is wrong with a cache that could be read ("" when nothing): checked against what it was made
+    from, and each array against its CRC-32 (a second or so for the full dataset's)."""
+    if not isinstance(index, dict) or index.get("names") != names or not isinstance(index.get("crc32"), dict):
+        return "its names file does not match the dataset's split"
+    for kind, array in arrays.items():
+        if array.shape != shapes[kind] or array.dtype != np.uint8:
+            return f"its {kind} are {array.dtype} {array.shape}, not uint8 {shapes[kind]}"
+        if _crc32(array) != index["crc32"].get(kind):
+            return f"its {kind} fail their CRC-32 check"
+    return ""
+
+
+def _load(
+    files: dict[str, Path], names_file: Path, shapes: dict[str, tuple[int, ...]], names: list[str]
+) -> CachedSplit | None:
+    """The cache these files hold, or None when there is none to use: not built yet, half-built, removed
+    as stale by a run of another fingerprint while this one was about to read it, or damaged (said in a note)."""
     try:
-        names = json.loads(names_file.read_text())  # written last: once it is there, the arrays are complete
-        images, masks = (torch.from_numpy(np.load(files[kind])) for kind in ("images", "masks"))
+        index = json.loads(names_file.read_text())  # written last: once it is there, the arrays are complete
+        arrays = {kind: np.load(files[kind]) for kind in ("images", "masks")}
     except FileNotFoundError:
         return None
-    return CachedSplit(images, masks, names)
+    except (OSError, ValueError, EOFError) as error:  # cut short, overwritten, unreadable: numpy and json say so
+        problem = f"it cannot be read: {error}"
+    else:
+        problem = _damage(index, arrays, shapes, names)
+        if not problem:
+            return CachedSplit(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["masks"]), list(names))
+    print(f"note: the decode-once cache {display_path(names_file)} is damaged ({problem}); rebuilding it.",
+          file=sys.stderr)
+    return None
+
+
+def _save(files: dict[str, Path], names_file: Path, arrays: dict[str, np.ndarray], names: list[str]) -> None:
+    files["images"].parent.mkdir(parents=True, exist_ok=True)
+    for kind, array in arrays.items():
+        with atomic_write(files[kind]) as file:
+            np.save(file, array)
+    # The names file goes last: the cache counts as complete only once it is there.
+    with atomic_write(names_file, "w") as file:
+        json.dump({"names": names, "crc32": {kind: _crc32(array) for kind, array in arrays.items()}}, file)
 
 
 def load_or_build(
     dataset: OxfordPetSegmentation, size: int, cache_dir: Path = DEFAULT_CACHE_DIR, num_workers: int = 0
 ) -> CachedSplit:
-    """The split's cached arrays at size x size, decoding and resizing every pair once if needed."""
+    """The split's cached arrays at size x size, decoding and resizing every pair once if needed. Where
+    they cannot be saved (a read-only or full disk) they are kept in memory for this run, with a note."""
     cache_dir = Path(cache_dir)
     prefix = f"{hashlib.sha256(str(dataset.data_path.resolve()).encode()).hexdigest()[:8]}-{dataset.split}-{size}"
     base = cache_dir / f"{prefix}-{fingerprint(dataset, size)}"
     files = {kind: base.with_name(f"{base.name}.{kind}.npy") for kind in ("images", "masks")}
     names_file = base.with_name(f"{base.name}.names.json")
-    cached = _load(files, names_file)
+    n = len(dataset)
+    shapes = {"images": (n, 3, size, size), "masks": (n, 1, size, size)}
+    cached = _load(files, names_file, shapes, dataset.names)
     if cached is not None:
         return cached
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    n = len(dataset)
-    images = np.empty((n, 3, size, size), dtype=np.uint8)
-    masks = np.empty((n, 1, size, size), dtype=np.uint8)
+    arrays = {kind: np.empty(shape, dtype=np.uint8) for kind, shape in shapes.items()}
     # Its own generator: building must not draw from the global RNG, or a run's random stream
     # (and so its weights) would depend on whether the cache already existed.
     loader = DataLoader(_Resized(dataset, size), batch_size=16, num_workers=num_workers, generator=torch.Generator())
@@ -154,18 +263,25 @@ def load_or_build(
     for image_batch, mask_batch in tqdm(
         loader, desc=f"caching {dataset.split} at {size}px", unit="batch", dynamic_ncols=True
     ):
-        images[start : start + len(image_batch)] = image_batch.numpy()
-        masks[start : start + len(mask_batch)] = mask_batch.numpy()
+        arrays["images"][start : start + len(image_batch)] = image_batch.numpy()
+        arrays["masks"][start : start + len(mask_batch)] = mask_batch.numpy()
         start += len(image_batch)
-    for kind, array in (("images", images), ("masks", masks)):
-        with atomic_write(files[kind]) as file:
-            np.save(file, array)
-    # The names file goes last: the cache counts as complete only once it is there.
-    with atomic_write(names_file, "w") as file:
-        json.dump(dataset.names, file)
-    for stale in cache_dir.glob(f"{prefix}-*"):
-        if not stale.name.startswith(base.name):
-            # Another run may have removed it first, or (on Windows) still be reading it: both are fine.
-            with contextlib.suppress(FileNotFoundError, PermissionError):
-                stale.unlink()
-    return CachedSplit(torch.from_numpy(images), torch.from_numpy(masks), list(dataset.names))
+    try:
+        _save(files, names_file, arrays, dataset.names)
+    except OSError as error:
+        for path in (*files.values(), names_file):  # what was saved before the failure is no use alone
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        print(
+            f"note: the decode-once cache cannot be saved ({describe_os_error(error)}) The decoded images are kept "
+            "in memory for this run only; pass a --cache-dir (or PETSEG_CACHE_DIR) on a writable disk to keep them.",
+            file=sys.stderr,
+        )
+    else:
+        for stale in cache_dir.glob(f"{prefix}-*"):
+            if not stale.name.startswith(base.name):
+                # Another run may have removed it first, or (on Windows) still be reading it: both are fine.
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    stale.unlink()
+    return CachedSplit(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["masks"]), list(dataset.names))
+

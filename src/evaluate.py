@@ -7,8 +7,9 @@ at the model's input size and at each image's own size; the prediction function 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import distributed
 from cli import argument_parser
 from oxford_pet import DEFAULT_DATA_PATH, SPLITS, OxfordPetSegmentation, build_transform, prepare_dataset
 from utils import (
+    PetsegError,
     autocast,
     default_amp,
     display_path,
@@ -167,6 +169,19 @@ def score_at_original_size(
         predicted_pixels=int(pred.sum()),
         dice=per_image_dice(pred[None], gt[None]).item(),
     )
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(batch_size: int) -> Iterator[None]:
+    """The GPU running out of memory while predicting becomes one line saying which -b to try."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as error:
+        smaller = f"a smaller -b (e.g. -b {batch_size // 2}) or " if batch_size > 1 else ""
+        raise PetsegError(
+            f"the GPU ran out of memory predicting with -b {batch_size}. Try {smaller}--device cpu, or close "
+            "other programs using the GPU."
+        ) from error
 
 
 @torch.no_grad()
@@ -409,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         data_path, args.split, predictor.first, args.batch_size, args.num_workers, predictor.device,
         original_masks=True,
     )
-    result = evaluate(predictor.model, loader, predictor.device, amp=predictor.amp, desc=args.split, tta=args.tta)
+    with out_of_memory_advice(args.batch_size):
+        result = evaluate(predictor.model, loader, predictor.device, amp=predictor.amp, desc=args.split, tta=args.tta)
     print(predictor.describe())
     print(f"{args.split} split: {len(loader.dataset)} images")
     print(format_result(args.split, result))

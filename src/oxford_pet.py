@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -192,6 +194,39 @@ def _download(data_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- decoding
 
+# Pillow refuses images of more than twice Image.MAX_IMAGE_PIXELS (about 179 megapixels) as possible
+# decompression bombs; this environment variable sets that limit for a user who trusts their files.
+PIXEL_LIMIT_VARIABLE = "PETSEG_MAX_IMAGE_PIXELS"
+
+
+def _pixel_limit_from_environment() -> None:
+    text = os.environ.get(PIXEL_LIMIT_VARIABLE)
+    if text is None:
+        return
+    if not text.strip().isdigit():
+        raise DatasetError(
+            f"{PIXEL_LIMIT_VARIABLE}={text!r} is not a number of pixels: set it to a whole number such as "
+            "300000000, or to 0 for no limit."
+        )
+    Image.MAX_IMAGE_PIXELS = int(text) or None  # Pillow refuses twice this; None turns the guard off
+
+
+def open_image(path: Path) -> Image.Image:
+    """Image.open with the pixel limit of PETSEG_MAX_IMAGE_PIXELS; an image over Pillow's guard against
+    decompression bombs raises DatasetError naming the file and how to lift the limit."""
+    _pixel_limit_from_environment()
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as error:
+        found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(error))
+        pixels, limit = (int(number) for number in found.groups()) if found else (300_000_000, None)
+        why = f"it has {pixels:,} pixels, more than the {limit:,} Pillow opens" if found else str(error)
+        raise DatasetError(
+            f"{path}: the image is too big to open safely ({why}: a guard against decompression bombs). If you "
+            f"trust the file, lift the limit: set the environment variable {PIXEL_LIMIT_VARIABLE}={pixels} (a "
+            "number of pixels; 0 for no limit) and run again."
+        ) from error
+
 
 def read_image(path: Path, exif_orientation: bool = False) -> torch.Tensor:
     """RGB uint8 (3, H, W) from any file Pillow reads, whatever its mode (gray, RGBA, palette, CMYK, 16-bit) or suffix.
@@ -200,15 +235,15 @@ def read_image(path: Path, exif_orientation: bool = False) -> torch.Tensor:
     (phones store portrait ones sideways). The dataset's images are read as stored, since their trimaps are.
     """
     try:
-        with Image.open(path) as image:
-            if exif_orientation:
-                image = ImageOps.exif_transpose(image)
+        with open_image(path) as image:
+            if exif_orientation:  # in place: a 48-megapixel photo is 144 MB, and no copy waits beside it
+                ImageOps.exif_transpose(image, in_place=True)
             if image.mode.startswith("I"):  # 16- or 32-bit integers, which convert("RGB") would clip, mostly to white
                 image = image.convert("I")
                 # Pillow opens 16-bit PNGs and TIFFs as "I;16" or "I"; only a genuinely 32-bit image goes past 65535.
                 full_scale = 65535 if image.getextrema()[1] <= 65535 else 2**31 - 1
                 image = image.point(lambda value: value * 255 / full_scale).convert("L")
-            return v2.functional.pil_to_tensor(image.convert("RGB"))
+            return v2.functional.pil_to_tensor(image if image.mode == "RGB" else image.convert("RGB"))
     except FileNotFoundError as error:
         raise DatasetError(f"{path}: image file is missing.") from error
     except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for corrupt or truncated files
@@ -220,7 +255,7 @@ def read_image(path: Path, exif_orientation: bool = False) -> torch.Tensor:
 def read_trimap(path: Path) -> torch.Tensor:
     """The trimap's values as uint8 (1, H, W); anything but 1, 2 and 3 is an error."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             trimap = v2.functional.pil_to_tensor(image)
     except FileNotFoundError as error:
         raise DatasetError(f"{path}: trimap file is missing.") from error

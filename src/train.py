@@ -36,6 +36,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import distributed
 import run_state
+import storage
 from batches import EvalBatches, TrainBatches, place_cache
 from cache import DEFAULT_CACHE_DIR, cache_bytes, cache_fits_in_memory, load_or_build
 from cli import argument_parser
@@ -287,6 +288,7 @@ def parse_args(
             f"{processes.world_size} processes, and does not divide by {processes.world_size}. "
             f"Use a multiple of {processes.world_size}."
         )
+    storage.check_before_training(parser, args, run_state.model_kwargs(args), talks=processes.is_main)
     return args, resume_from
 
 
@@ -565,7 +567,8 @@ def train(run: Run) -> None:
             f"valid loss {valid.loss:.4f} dice {valid.dice:.4f}  {progress.history[-1]['seconds']:.1f}s"
             f"{'  *best' if improved else ''}"
         )
-        with sigint_deferred():
+        resume_command = run.processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
+        with sigint_deferred(), storage.write_failures_explained(run.run_dir, resume_command):
             if run.processes.is_main:
                 save_epoch(run, epoch, valid.dice, improved)
             progress.finished_epoch = epoch
@@ -741,13 +744,15 @@ def write_results(run: Run, test: EvalResult) -> None:
         "train_seconds": sum(row["seconds"] for row in progress.history),
         "args": run_state.plain_args(run.args),
     }
-    with atomic_write(run_dir / "results.json", "w") as file:
-        json.dump(results, file, indent=2)
-    # A finished run cannot be resumed: last.pt keeps the final weights, without the optimiser's
-    # moments that made up two thirds of it.
-    last = ckpt.load_checkpoint(run_dir / ckpt.LAST_NAME)
-    del last["training"]
-    ckpt.save_checkpoint(run_dir / ckpt.LAST_NAME, **last)
+    resume_command = run.processes.resume_command(display_path(Path(__file__)), display_path(run_dir))
+    with storage.write_failures_explained(run_dir, resume_command):  # --resume redoes the test, then this
+        with atomic_write(run_dir / "results.json", "w") as file:
+            json.dump(results, file, indent=2)
+        # A finished run cannot be resumed: last.pt keeps the final weights, without the optimiser's
+        # moments that made up two thirds of it.
+        last = ckpt.load_checkpoint(run_dir / ckpt.LAST_NAME)
+        del last["training"]
+        ckpt.save_checkpoint(run_dir / ckpt.LAST_NAME, **last)
     print(
         f"Saved {display_path(run_dir / ckpt.BEST_NAME)} and results.json, history.csv, curves.png and last.pt "
         "(the final epoch's weights) beside it."

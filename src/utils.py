@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import random
@@ -27,17 +28,72 @@ class PetsegError(Exception):
 
 
 def run_script(main: Callable[[], object]) -> None:
-    """Run a script's main(); a PetsegError becomes a one-paragraph message and exit code 1."""
+    """Run a script's main(); a PetsegError, or an operating-system error (disk full, read-only, permission
+    denied, ...), becomes a one-paragraph message and exit code 1. Other errors are our bugs: they keep
+    their traceback."""
     try:
         main()
     except PetsegError as error:
-        message = str(error)
-        # A DataLoader worker re-raises the error with its traceback prepended; the user needs only the message.
-        marker = f"{type(error).__name__}: "
-        if "Original Traceback" in message and marker in message:
-            message = message.rsplit(marker, 1)[1].strip()
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_without_worker_traceback(error)}", file=sys.stderr)
         sys.exit(1)
+    except (OSError, RuntimeError) as error:
+        os_error = os_error_behind(error)
+        if os_error is None:
+            raise
+        print(f"error: {describe_os_error(os_error)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _without_worker_traceback(error: Exception) -> str:
+    """A DataLoader worker re-raises the error with its traceback prepended; the user needs only the message."""
+    message = str(error)
+    marker = f"{type(error).__name__}: "
+    if "Original Traceback" in message and marker in message:
+        message = message.rsplit(marker, 1)[1].strip()
+    return message
+
+
+def os_error_behind(error: BaseException) -> OSError | None:
+    """The operating-system error an exception is, or that torch.save turned into its own RuntimeError
+    ("enforce fail at inline_container.cc ... unexpected pos"): else None."""
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, RuntimeError) and "inline_container" in str(error) and isinstance(error.__context__, OSError):
+        return error.__context__
+    return None
+
+
+# errno: (what happened, in plain words; what to do). Windows lacks some codes, so they are looked up by name.
+_OS_ERRORS = {
+    "ENOSPC": ("the disk is full (no space left on device)", "Free some space on it, or write to another disk."),
+    "EDQUOT": ("your disk quota is used up", "Delete files you no longer need, or write to another disk."),
+    "EROFS": ("it is on a read-only file system: nothing can be written there", "Choose a folder on a writable disk."),
+    "EACCES": ("permission denied", "Choose a path you may use, or ask its owner to change its permissions."),
+    "EPERM": ("the operation is not permitted", "Choose a path you may use, or ask its owner to change it."),
+    "ENOTDIR": ("a part of the path is a file, not a folder", "Choose another path, or move that file away."),
+    "EEXIST": ("it already exists and is in the way (e.g. a file where a folder should be)",
+               "Choose another path, or move it away."),
+    "EISDIR": ("it is a folder, where a file was expected", "Pass the path of a file."),
+    "ENOENT": ("no such file or folder", "Check the path."),
+    "ENAMETOOLONG": ("the path is too long for the file system", "Choose a shorter path or name."),
+    "EMFILE": ("too many files are open", "Raise the limit (e.g. `ulimit -n 4096`) or pass fewer --num-workers."),
+    "ENFILE": ("the system has too many files open", "Close other programs, or pass fewer --num-workers."),
+    "EIO": ("the disk could not read or write it (input/output error)", "The disk or network drive may be failing: "
+            "copy what you need to another one and check it."),
+    "ENOMEM": ("the system ran out of memory", "Close other programs, or pass a smaller -b or fewer --num-workers."),
+}
+_OS_ERROR_CODES = {getattr(errno, name): text for name, text in _OS_ERRORS.items() if hasattr(errno, name)}
+
+
+def describe_os_error(error: OSError) -> str:
+    """One paragraph for the user: the path, what happened in plain words, what to do."""
+    paths = [path for path in (error.filename, error.filename2) if isinstance(path, (str, os.PathLike))]
+    where = " -> ".join(display_path(Path(path)) for path in paths) or "a file"
+    if error.errno not in _OS_ERROR_CODES:
+        detail = error.strerror or _without_worker_traceback(error) or type(error).__name__
+        return f"{where}: {detail} (an error of the operating system)."
+    happened, advice = _OS_ERROR_CODES[error.errno]
+    return f"{where}: {happened}. {advice}"
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -308,7 +364,11 @@ def sigint_deferred() -> Iterator[None]:
 def atomic_write(path: Path, mode: str = "wb") -> Iterator:
     """Write to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file whole."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        error.filename = str(path)  # the file the user knows of, not the temporary one beside it
+        raise
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the permissions open() would
@@ -318,9 +378,12 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        os_error = os_error_behind(error)
+        if os_error is not None and os_error.filename is None:  # a failed write names no file: say which
+            os_error.filename = str(path)
         raise
 
 

@@ -77,7 +77,7 @@ def test_a_half_written_cache_is_not_used(synthetic_pets: Path, tmp_path: Path) 
     names_file = next(tmp_path.glob("*.names.json"))
     names_file.unlink()  # as if the build had been killed before its last file
     rebuilt = load_or_build(dataset, 32, tmp_path)
-    assert json.loads(names_file.read_text()) == rebuilt.names == dataset.names
+    assert json.loads(names_file.read_text())["names"] == rebuilt.names == dataset.names
 
 
 def test_batched_augmentation_moves_images_and_masks_together() -> None:
