@@ -56,6 +56,28 @@ def train_once(run_dir: Path, command: list[str]) -> dict:
     return json.loads(results.read_text())
 
 
+def study_flags(
+    network: str, epochs: int, image_size: int, data_path: Path | None, train_flags: str = ""
+) -> list[str]:
+    """train.py's flags that every run of a study shares."""
+    common = ["-n", network, "-e", str(epochs), "--image-size", str(image_size)]
+    if data_path is not None:
+        common += ["--data_path", str(data_path)]
+    return common + shlex.split(train_flags)
+
+
+def run_name(var: Variant, seed: int) -> str:
+    return f"{var.name}-seed{seed}"
+
+
+def run_command(common: list[str], var: Variant, seed: int, save_dir: Path) -> list[str]:
+    """The train.py command of one run: the shared flags, the variant's, its seed and its own folder."""
+    return [
+        sys.executable, str(TRAIN), *common, *var.flags, "--seed", str(seed),
+        "--save-dir", str(save_dir), "--run-name", run_name(var, seed),
+    ]
+
+
 def mean_and_spread(values: list[float], digits: int = 4) -> str:
     """mean ± standard deviation over seeds (the mean alone for one seed)."""
     mean = statistics.fmean(values)
@@ -116,20 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(names)) != len(names):
         parser.error(f"--variant names must differ, got {names}")
 
-    common = ["-n", args.network, "-e", str(args.epochs), "--image-size", str(args.image_size)]
-    if args.data_path is not None:
-        common += ["--data_path", str(args.data_path)]
-    common += shlex.split(args.train_flags)
+    common = study_flags(args.network, args.epochs, args.image_size, args.data_path, args.train_flags)
     results: dict[str, list[dict]] = {}
     for var in args.variant:
         results[var.name] = []
         for seed in args.seeds:
-            run_name = f"{var.name}-seed{seed}"
-            command = [
-                sys.executable, str(TRAIN), *common, *var.flags, "--seed", str(seed),
-                "--save-dir", str(args.save_dir), "--run-name", run_name,
-            ]
-            results[var.name].append(train_once(args.save_dir / run_name, command))
+            command = run_command(common, var, seed, args.save_dir)
+            results[var.name].append(train_once(args.save_dir / run_name(var, seed), command))
 
     lines = table(args.variant, results)
     print("\n".join(lines))
