@@ -305,6 +305,7 @@ def test_cached_and_per_image_training_see_the_same_batches(synthetic_pets: Path
     assert not torch.equal(next(iter(other_seed))[0], next(iter(TrainBatches(split, **kwargs)))[0])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: page-locked memory is CUDA's")
 def test_a_cache_kept_on_the_cpu_for_a_gpu_copies_batches_from_pinned_memory(
     synthetic_pets: Path, tmp_path: Path
