@@ -1,16 +1,20 @@
-"""How fast data reaches the model, and how fast the models train and predict.
+"""How fast data reaches the model, how fast train.py trains, and how fast the models predict.
 
     python benchmarks/throughput.py                         # synthetic photos of real sizes
     python benchmarks/throughput.py --data-path ../shared/oxford-iiit-pet-sample
 
-Prints one markdown table and appends it, dated, with the device and the command, to
-docs/BENCHMARKS.md (--no-record to skip). Measures:
+Prints markdown tables and appends them, dated, with the device and the command, to
+docs/BENCHMARKS.md (--no-record to skip; --report-to FILE keeps them in FILE as they fill). Measures:
 - input pipeline, img/s on one CPU thread: the lab template's per-image PIL path (decode and
   resize), petseg's per-image path (--no-cache) and its decode-once cache: first the uint8
   batches the CPU hands to a GPU, then model-ready float batches made on this device (resize
   only, the lab path's work), then with the training augmentation;
-- training img/s per model fed by the real (cached) loader vs one pre-loaded batch (compute only);
-- inference img/s and peak memory per model.
+- training: train.train_one_epoch itself with train.py's defaults (its scheduler, scaler and
+  syncs), fed by the cached loader (cache in GPU memory, or in page-locked CPU memory) vs one
+  ready batch repeated (compute only); on CUDA also forced fp16 with loss scaling, cudnn.benchmark
+  off, and torch.compile;
+- on CUDA, peak training memory per image of a batch; inference img/s; and the time 200 epochs of
+  the full split (3312 train + 368 valid images) would take at the measured speed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
+from argparse import BooleanOptionalAction, Namespace
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -27,10 +34,11 @@ import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools")]
+sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools"), str(REPO_ROOT / "benchmarks")]
 
+import train_speed  # noqa: E402
 from batches import EvalBatches, TrainBatches  # noqa: E402
-from cache import load_or_build  # noqa: E402
+from cache import CachedSplit, load_or_build  # noqa: E402
 from cli import argument_parser  # noqa: E402
 from make_synthetic_pets import REAL_IMAGE_SIZE, make_synthetic_pets  # noqa: E402
 from models import MODEL_NAMES, build_model  # noqa: E402
@@ -43,7 +51,46 @@ from oxford_pet import (  # noqa: E402
     image_path,
     trimap_path,
 )
-from utils import BCEDiceLoss, autocast, select_device  # noqa: E402
+from train_speed import FED_TARGET, Setup, synchronize  # noqa: E402
+from utils import atomic_write, autocast, run_script, select_device  # noqa: E402
+
+TRAINING_COLUMNS = [
+    "model", "precision", "compile", "cudnn.benchmark", "cache", "fed by", "img/s", "ms/step", "fed / compute-only",
+    "note",
+]
+
+
+class Report:
+    """Markdown tables as they fill, rewritten (atomically) to `path` after every row, so that a run
+    cut off still leaves the rows that finished."""
+
+    def __init__(self, path: Path | None, description: str) -> None:
+        self.path = path
+        self.blocks: list[list[str]] = [[description]]
+        self.save()
+
+    def table(self, caption: str, columns: list[str], text_columns: set[str]) -> list[str]:
+        """A table after the blocks so far; its rows come with row(). Columns not in text_columns are numbers."""
+        aligns = ["---" if column in text_columns else "---:" for column in columns]
+        block = [f"**{caption}**", "", "| " + " | ".join(columns) + " |", "|" + "|".join(aligns) + "|"]
+        self.blocks.append(block)
+        return block
+
+    def row(self, block: list[str], cells: list[str]) -> None:
+        block.append("| " + " | ".join(cells) + " |")
+        self.save()
+
+    def note(self, text: str) -> None:
+        self.blocks.append([text])
+        self.save()
+
+    def body(self) -> str:
+        return "\n\n".join("\n".join(block) for block in self.blocks) + "\n"
+
+    def save(self) -> None:
+        if self.path is not None:
+            with atomic_write(self.path, "w") as file:
+                file.write(self.body())
 
 
 def lab_pil_sample(data_path: Path, name: str, size: int, as_float: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +101,7 @@ def lab_pil_sample(data_path: Path, name: str, size: int, as_float: bool = True)
     return (image.float() / 255, mask.float()) if as_float else (image, mask.to(torch.uint8))
 
 
-def gather_batches(split, batch_size: int) -> None:
+def gather_batches(split: CachedSplit, batch_size: int) -> None:
     """What the CPU does per batch for a GPU run from the cache: cut uint8 images and masks out of memory."""
     order = torch.randperm(len(split))
     for start in range(0, len(split), batch_size):
@@ -62,50 +109,20 @@ def gather_batches(split, batch_size: int) -> None:
         split.images.index_select(0, index), split.masks.index_select(0, index)  # noqa: B018 - the timed work
 
 
-def images_per_second(count: int, run) -> float:
+def images_per_second(count: int, run: Callable[[], object]) -> float:
     start = time.perf_counter()
     run()
     return count / (time.perf_counter() - start)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def training_rate(model, batches, device: torch.device, amp: bool, steps: int) -> float:
-    """img/s of forward + backward + AdamW over `steps` batches taken from `batches`, after one warm-up."""
-    optimizer = torch.optim.AdamW(model.parameters())
-    loss_fn = BCEDiceLoss()
-    iterator = iter(batches)
-
-    def step() -> int:
-        images, masks = next(iterator)
-        with autocast(device, amp):
-            logits = model(images.to(device, non_blocking=True))
-        loss = loss_fn(logits, masks.to(device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return len(images)
-
-    model.train()
-    step()
-    synchronize(device)
-    start = time.perf_counter()
-    seen = sum(step() for _ in range(steps))
-    synchronize(device)
-    return seen / (time.perf_counter() - start)
-
-
-def epoch(batches, device: torch.device) -> None:
+def epoch(batches, device: torch.device) -> None:  # noqa: ANN001 - any iterable of batches
     for _ in batches:
         pass
     synchronize(device)
 
 
 @torch.no_grad()
-def inference_rate(model, images: torch.Tensor, device: torch.device, amp: bool, steps: int) -> float:
+def inference_rate(model: torch.nn.Module, images: torch.Tensor, device: torch.device, amp: bool, steps: int) -> float:
     """img/s of eval-mode forward passes on one batch, after one warm-up."""
     model.eval()
 
@@ -119,17 +136,174 @@ def inference_rate(model, images: torch.Tensor, device: torch.device, amp: bool,
     return images_per_second(len(images) * steps, run)
 
 
-def repeat(batch: tuple[torch.Tensor, torch.Tensor]):
-    while True:
-        yield batch
+def input_rows(
+    report: Report, data_path: Path, size: int, batch_size: int, device: torch.device, scratch: Path
+) -> CachedSplit:
+    """The input-pipeline table, on one CPU thread as each DataLoader worker has (img/s per core,
+    comparable across paths); returns the training split's cache at the crop source size."""
+    table = report.table("Input pipeline (one CPU thread)", ["what", "img/s", "vs the lab path"], {"what"})
+    train_set = OxfordPetSegmentation(data_path, "train", build_transform(train=True, image_size=size))
+    eval_set = OxfordPetSegmentation(data_path, "train", build_transform(train=False, image_size=size))
+    names, n = train_set.names, len(train_set)
+    caches: dict[int, CachedSplit] = {}
+    lab_rates: dict[str, float] = {}  # the lab path's img/s, which the other rows are compared with
+
+    def add(what: str, count: int, run: Callable[[], object], baseline: str | None = None, lab: str = "") -> None:
+        rate = images_per_second(count, run)
+        if lab:
+            lab_rates[lab] = rate
+        report.row(table, [what, f"{rate:.1f}", f"{rate / lab_rates[baseline]:.1f}x" if baseline else ""])
+
+    def build(source_size: int) -> None:
+        caches[source_size] = load_or_build(train_set, source_size, scratch / "cache")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    add("input, uint8 for the GPU: lab template per-image PIL (decodes every epoch)", n,
+        lambda: [lab_pil_sample(data_path, name, size, as_float=False) for name in names], "uint8", lab="uint8")
+    add("input, resize only: lab template per-image PIL, to float", n,
+        lambda: [lab_pil_sample(data_path, name, size) for name in names], "float", lab="float")
+    add("input, resize only: petseg per-image (`--no-cache`)", n, lambda: [eval_set[i] for i in range(n)], "float")
+    add("input: building the cache (once; then reused by every run)", n, lambda: build(size))
+    add("input, uint8 for the GPU: petseg cache (batches cut from memory)", n,
+        lambda: gather_batches(caches[size], batch_size), "uint8")
+    eval_batches = EvalBatches(caches[size], batch_size, device, IMAGENET_MEAN, IMAGENET_STD)
+    add(f"input, resize only: petseg cache, normalised float batches on {device.type}", n,
+        lambda: epoch(eval_batches, device), "float")
+    augmented = (batch_size, device, size, IMAGENET_MEAN, IMAGENET_STD)
+    decoded = TrainBatches(train_set, *augmented)
+    add(f"input, augmented: petseg per-image (`--no-cache`) + batched augmentation on {device.type}",
+        len(decoded) * batch_size, lambda: epoch(decoded, device), "float")
+    build(crop_source_size(size))
+    cached = TrainBatches(caches[crop_source_size(size)], *augmented)
+    add(f"input, augmented: petseg cache + batched augmentation on {device.type}", len(cached) * batch_size,
+        lambda: epoch(cached, device), "float")
+    torch.set_num_threads(threads)
+    return caches[crop_source_size(size)]
+
+def setup_cells(name: str, setup: Setup, device: torch.device) -> list[str]:
+    cudnn = ("on" if setup.cudnn_benchmark else "off") if device.type == "cuda" else "n/a"
+    return [name, setup.precision(device), "compile" if setup.compiled else "eager", cudnn]
 
 
-def cycle(batches):
-    while True:
-        yield from batches
+def training_cells(row: dict, batch_size: int, device: torch.device) -> list[str]:
+    ratio = ""
+    if row["ratio"] is not None:
+        ratio = f"{row['ratio']:.0%}" + ("" if row["ratio"] >= FED_TARGET else f" (under {FED_TARGET:.0%})")
+    seconds = row["step_seconds"]
+    return [
+        *setup_cells(row["model"], row["setup"], device), row["cache"], row["feed"], f"{batch_size / seconds:.1f}",
+        f"{1000 * seconds:.1f}", ratio, row["note"],
+    ]
 
 
-def main() -> None:
+def time_setup(
+    report: Report, table: list[str], name: str, split: CachedSplit, device: torch.device, args: Namespace,
+    setup: Setup, placements: int,
+) -> list[dict]:
+    """The setup's rows, each into the table as soon as it is timed. A setup that fails becomes a row
+    saying why and the others go on: on a first GPU run the error is itself the finding."""
+    rows = []
+    try:
+        for row in train_speed.training_rows(
+            name, split, device, args.batch_size, args.image_size, args.steps, args.warmup_steps, setup, placements
+        ):
+            report.row(table, training_cells(row, args.batch_size, device))
+            rows.append(row)
+    except Exception as error:  # the traceback goes to the log, the reason into the table
+        traceback.print_exc()
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        report.row(table, [*setup_cells(name, setup, device), "", "", "", "", "", f"failed: {type(error).__name__}: "
+                           f"{reason}"])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def eager_setups(device: torch.device, fp16: bool) -> list[Setup]:
+    """train.py's defaults on this device first (its rows time every cache placement), then one change each."""
+    forced = [Setup(amp=True, force_fp16=True, cudnn_benchmark=device.type == "cuda")] if fp16 else []
+    if device.type != "cuda":
+        return [Setup(amp=False, cudnn_benchmark=False), *forced]
+    return [Setup(amp=True), *forced, Setup(amp=True, cudnn_benchmark=False)]
+
+
+def model_rows(report: Report, tables: dict, name: str, split: CachedSplit, device: torch.device, args: Namespace):  # noqa: ANN201
+    """The model's eager training rows, its memory per image (on CUDA), its inference speed and the
+    projection of a full run; returns its compute-only seconds per step under train.py's defaults."""
+    default = eager_setups(device, fp16=False)[0]
+    rows = []
+    for setup in eager_setups(device, args.fp16):
+        rows += time_setup(report, tables["training"], name, split, device, args, setup, 2 if setup == default else 1)
+    if "memory" in tables:
+        memory = train_speed.peak_memory(name, device, args.batch_size, args.image_size)
+        report.row(tables["memory"], [
+            name, str(args.batch_size), f"{memory['peak'] / 2**30:.2f}", f"{memory['fixed'] / 2**30:.2f}",
+            f"{memory['per_image'] / 2**20:.1f}",
+        ])
+    model = build_model(name).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    predict = inference_rate(model, images, device, default.amp, args.steps)
+    del model, images
+    compute, fed = ([row for row in rows if row["setup"] == default] + [None, None])[:2]
+    if fed is not None:
+        report.row(tables["projection"], projection_cells(name, compute, fed, predict, device, args))
+    return compute["step_seconds"] if compute is not None else None
+
+
+def projection_cells(
+    name: str, compute: dict, fed: dict, predict: float, device: torch.device, args: Namespace
+) -> list[str]:
+    rate = args.batch_size / fed["step_seconds"]
+    tflops = train_speed.train_flops_per_image(name, args.image_size) * rate / 1e12
+    minutes = train_speed.projected_seconds(fed["step_seconds"], args.batch_size, predict) / 60
+    target = train_speed.TARGET_MINUTES.get(name)
+    if device.type == "cuda" and (args.image_size, args.batch_size) == (256, 32) and target is not None:
+        verdict = f"under {target:g} min: {'met' if minutes < target else 'missed'}"
+    else:
+        verdict = "(the targets are for 256², batch 32, on one H100/H200)"
+    return [
+        name, f"{rate:.1f}", f"{fed['ratio']:.0%}", f"{predict:.1f}", f"{tflops:.2f}",
+        f"{tflops / train_speed.H200_BF16_TFLOPS:.1%}", f"{minutes:.1f}", verdict,
+    ]
+
+
+def measure_models(report: Report, split: CachedSplit, device: torch.device, args: Namespace) -> None:
+    """Training rows of every model (eager setups first, torch.compile last: it is the slowest to
+    time), memory per image and the projections."""
+    tables = {"training": report.table(
+        f"Training: train.train_one_epoch with train.py's defaults, batch {args.batch_size}, {args.image_size}²",
+        TRAINING_COLUMNS, set(TRAINING_COLUMNS[:6] + TRAINING_COLUMNS[-1:]),
+    )}
+    if device.type == "cuda":
+        tables["memory"] = report.table(
+            "Peak training memory (mixed precision, a few steps)",
+            ["model", "batch", "peak GiB", "model + gradients + AdamW GiB", "per image MiB"], {"model"},
+        )
+    else:
+        report.note("Peak memory per image: CUDA only (torch counts no CPU allocations).")
+    tables["projection"] = report.table(
+        f"What {train_speed.RECIPE_EPOCHS} epochs of the full split ({train_speed.FULL_TRAIN_IMAGES} train + "
+        f"{train_speed.FULL_VALID_IMAGES} valid images) take at this speed (valid pass timed as inference; "
+        "checkpoint writes and the test pass not included)",
+        ["model", "img/s fed by the cached loader", "fed / compute-only", "inference img/s", "training TFLOP/s",
+         f"of {train_speed.H200_BF16_TFLOPS:g} (H200, bf16)", "minutes", "target"], {"model", "target"},
+    )
+    eager = {name: model_rows(report, tables, name, split, device, args) for name in args.models}
+    if not args.compile:
+        report.note("torch.compile: not timed (--no-compile, the default off CUDA, where compiling takes minutes).")
+        return
+    for name in args.models:
+        setup = Setup(amp=device.type == "cuda", compiled=True, cudnn_benchmark=device.type == "cuda")
+        rows = time_setup(report, tables["training"], name, split, device, args, setup, 1)
+        if rows and eager[name]:
+            report.note(f"torch.compile, compute only: {name} at {eager[name] / rows[0]['step_seconds']:.2f}x eager's "
+                        "speed.")
+
+
+def parse_args(argv: list[str] | None) -> Namespace:
     parser = argument_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
         "--data-path", "--data_path", type=Path, default=None,
@@ -146,132 +320,70 @@ def main() -> None:
         "-b", "--batch-size", type=int, default=None, help="images per batch (default: 32 on CUDA, 4 elsewhere)"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="timed training steps per model (default: 30 on CUDA, 2 elsewhere)"
+        "--steps", type=int, default=None, help="timed steps per row (default: 30 on CUDA, 2 elsewhere)"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None,
+        help="untimed steps before each row: cudnn's autotuning, compiling (default: 3 on CUDA, 1 elsewhere)",
     )
     parser.add_argument(
         "--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
         help=f"the models to time, among {', '.join(MODEL_NAMES)} (default: all of them)",
     )
+    parser.add_argument(
+        "--fp16", action=BooleanOptionalAction, default=None,
+        help="also time forced fp16 with loss scaling, as GPUs without bf16 train (default: on for CUDA)",
+    )
+    parser.add_argument(
+        "--compile", action=BooleanOptionalAction, default=None,
+        help="also time torch.compile, as train.py --compile (default: on for CUDA)",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to docs/BENCHMARKS.md")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--report-to", type=Path, default=None,
+        help="also keep the tables in this file, rewritten after every row (a run cut off leaves what finished)",
+    )
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = select_device(args.device)
     on_cuda = device.type == "cuda"
-    batch_size = args.batch_size or (32 if on_cuda else 4)
-    steps = args.steps or (30 if on_cuda else 2)
-    amp = on_cuda
-    size = args.image_size
-    if on_cuda:
-        torch.backends.cudnn.benchmark = True
-
+    args.batch_size = args.batch_size or (32 if on_cuda else 4)
+    args.steps = args.steps or (30 if on_cuda else 2)
+    if args.warmup_steps is None:
+        args.warmup_steps = 3 if on_cuda else 1
+    args.fp16 = on_cuda if args.fp16 is None else args.fp16
+    args.compile = on_cuda if args.compile is None else args.compile
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        data_path = args.data_path
-        if data_path is None:
-            data_path = make_synthetic_pets(
-                Path(scratch) / "pets", n_trainval=args.n_images * 10 // 9 + 1, n_test=1, image_size=REAL_IMAGE_SIZE,
-                progress=True,
-            )
-        train_set = OxfordPetSegmentation(data_path, "train", build_transform(train=True, image_size=size))
-        names, n = train_set.names, len(train_set)
-        print(f"{n} training images from {data_path}; device {device}")
-
-        rows = []
-        # One core for the input rows, as each DataLoader worker has: img/s per core, comparable across paths.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        lab_uint8 = images_per_second(
-            n, lambda: [lab_pil_sample(data_path, name, size, as_float=False) for name in names]
+        data_path = args.data_path or make_synthetic_pets(
+            Path(scratch) / "pets", n_trainval=args.n_images * 10 // 9 + 1, n_test=1, image_size=REAL_IMAGE_SIZE,
+            progress=True,
         )
-        rows.append(("input, uint8 for the GPU: lab template per-image PIL (decodes every epoch)", lab_uint8, "1.0x"))
-        lab = images_per_second(n, lambda: [lab_pil_sample(data_path, name, size) for name in names])
-        rows.append(("input, resize only: lab template per-image PIL, to float", lab, "1.0x"))
-        eval_set = OxfordPetSegmentation(data_path, "train", build_transform(train=False, image_size=size))
-        per_image_eval = images_per_second(n, lambda: [eval_set[i] for i in range(n)])
-        rows.append(
-            ("input, resize only: petseg per-image (`--no-cache`)", per_image_eval, f"{per_image_eval / lab:.1f}x")
+        n_train = len(OxfordPetSegmentation(data_path, "train"))
+        images = f"{n_train} training images of {data_path}" if args.data_path else (
+            f"{n_train} synthetic training photos of real sizes (about {REAL_IMAGE_SIZE[0]}×{REAL_IMAGE_SIZE[1]})"
         )
-        caches = {}
-
-        def build(source_size: int) -> None:
-            caches[source_size] = load_or_build(train_set, source_size, Path(scratch) / "cache")
-
-        build_rate = images_per_second(n, lambda: build(size))
-        rows.append(("input: building the cache (once; then reused by every run)", build_rate, ""))
-        uint8_rate = images_per_second(n, lambda: gather_batches(caches[size], batch_size))
-        rows.insert(
-            1,
-            (
-                "input, uint8 for the GPU: petseg cache (batches cut from memory)",
-                uint8_rate,
-                f"{uint8_rate / lab_uint8:.1f}x",
-            ),
-        )
-        eval_batches = EvalBatches(caches[size], batch_size, device, IMAGENET_MEAN, IMAGENET_STD)
-        cached_eval = images_per_second(n, lambda: epoch(eval_batches, device))
-        rows.append(
-            (
-                f"input, resize only: petseg cache, normalised float batches on {device.type}",
-                cached_eval,
-                f"{cached_eval / lab:.1f}x",
-            )
-        )
-
-        augmented = (batch_size, device, size, IMAGENET_MEAN, IMAGENET_STD)
-        decoded = TrainBatches(train_set, *augmented)
-        per_image = images_per_second(len(decoded) * batch_size, lambda: epoch(decoded, device))
-        rows.append(
-            (
-                f"input, augmented: petseg per-image (`--no-cache`) + batched augmentation on {device.type}",
-                per_image,
-                f"{per_image / lab:.1f}x",
-            )
-        )
-        build(crop_source_size(size))
-        cached = TrainBatches(caches[crop_source_size(size)], *augmented)
-        from_cache = images_per_second(len(cached) * batch_size, lambda: epoch(cached, device))
-        rows.append(
-            (
-                f"input, augmented: petseg cache + batched augmentation on {device.type}",
-                from_cache,
-                f"{from_cache / lab:.1f}x",
-            )
-        )
-        torch.set_num_threads(threads)
-
-        for name in args.models:
-            model = build_model(name).to(device)
-            if on_cuda:
-                model = model.to(memory_format=torch.channels_last)
-                torch.cuda.reset_peak_memory_stats()
-            compute = training_rate(model, repeat(next(iter(cached))), device, amp, steps)
-            fed = training_rate(model, cycle(cached), device, amp, steps)
-            rows.append((f"train {name}: compute only (one pre-loaded batch)", compute, ""))
-            rows.append((f"train {name}: fed by the cached loader", fed, f"{fed / compute:.0%} of compute-only"))
-            predict = inference_rate(model, next(iter(cached))[0], device, amp, steps)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None
-            rows.append(
-                (f"inference {name}" + (f" (peak GPU memory in training {peak:.1f} GiB)" if peak else ""), predict, "")
-            )
-            del model
-
+        device_name = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({torch.get_num_threads()} threads)"
+        report = Report(args.report_to, (
+            f"{images} at {args.image_size}², on {device_name}; training rows: "
+            f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup_steps} warm-up steps, train.py's "
+            f"defaults (AdamW, one-cycle schedule, BCE + soft Dice{', channels-last' if on_cuda else ''})."
+        ))
+        split = input_rows(report, data_path, args.image_size, args.batch_size, device, Path(scratch))
+        measure_models(report, split, device, args)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    table = ["| what | img/s | ratio |", "|---|---:|---|"]
-    table += [f"| {what} | {rate:.1f} | {ratio} |" for what, rate, ratio in rows]
-    device_name = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({torch.get_num_threads()} threads)"
-    header = (
-        f"## {datetime.now():%Y-%m-%d %H:%M} — throughput on {device_name}\n\n"
-        f"```\npython benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}\n```\n\n"
-        f"{n} training images at {size}², batch {batch_size}, {steps} timed steps per model, "
-        f"{'bf16 autocast, channels_last' if amp else 'fp32'}; "
-        f"peak resident memory of the process {peak_rss:.1f} GiB.\n"
-    )
-    report = header + "\n" + "\n".join(table) + "\n"
-    print("\n" + report)
+    report.note(f"Peak resident memory of the process {peak_rss:.1f} GiB; {time.perf_counter() - start:.0f} s in all.")
+    command = " ".join(["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)])
+    text = f"## {datetime.now():%Y-%m-%d %H:%M} — throughput on {device_name}\n\n```\n{command}\n```\n\n{report.body()}"
+    print("\n" + text)
     if not args.no_record:
         with open(REPO_ROOT / "docs" / "BENCHMARKS.md", "a") as file:
-            file.write("\n" + report)
+            file.write("\n" + text)
         print("Appended to docs/BENCHMARKS.md")
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

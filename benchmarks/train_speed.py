@@ -1,0 +1,240 @@
+"""How fast train.py trains: train.train_one_epoch itself (its scheduler, scaler and its own syncs),
+timed over the cached loader's batches and over one ready batch repeated (compute only), under the
+setups a GPU offers (bf16, or fp16 with loss scaling; eager or torch.compile; cudnn.benchmark on or
+off); the memory each image of a batch takes; and what 200 epochs of the full split would take.
+
+throughput.py prints these rows; nothing here knows about reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+from torch import nn
+
+import train
+import utils
+from batches import TrainBatches
+from cache import CachedSplit
+from models import build_model
+from models.stats import count_flops
+from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
+
+# The official split under the lab's rule, and the recipe's epochs: what a projection is of.
+FULL_TRAIN_IMAGES, FULL_VALID_IMAGES, RECIPE_EPOCHS = 3312, 368, 200
+# What a dense bf16 matrix product reaches on an H200, the yardstick for the models' arithmetic.
+H200_BF16_TFLOPS = 790.0
+# Issue targets for 200 epochs of the full split at 256², batch 32, on one H100/H200.
+TARGET_MINUTES = {"resnet34_unet": 3.0, "unet": 15.0}
+FED_TARGET = 0.95  # loader-fed at least this share of compute-only
+FLOP_COUNT_MIN_SIZE = 64
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class RepeatedBatch:
+    """A stand-in loader: one ready, augmented batch on the device, `steps` times (compute only)."""
+
+    def __init__(self, batch: Batch, steps: int) -> None:
+        self.batch, self.steps = batch, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter([self.batch] * self.steps)
+
+
+class FirstBatches:
+    """The first `count` batches of a loader: the warm-up before a timed epoch."""
+
+    def __init__(self, loader: TrainBatches | RepeatedBatch, count: int) -> None:
+        self.loader, self.count = loader, count
+
+    def __len__(self) -> int:
+        return min(self.count, len(self.loader))
+
+    def __iter__(self) -> Iterator[Batch]:
+        return islice(iter(self.loader), len(self))
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One way of training: mixed precision as train.py's --amp (bf16 where the device runs it
+    natively), or fp16 with loss scaling forced as on GPUs without bf16; torch.compile or eager;
+    cudnn.benchmark on or off."""
+
+    amp: bool
+    force_fp16: bool = False
+    compiled: bool = False
+    cudnn_benchmark: bool = True
+
+    def precision(self, device: torch.device) -> str:
+        with configured(self):
+            return utils.describe_precision(device, self.amp) + (" (forced)" if self.force_fp16 else "")
+
+
+@contextlib.contextmanager
+def configured(setup: Setup) -> Iterator[None]:
+    """fp16 forced through utils.autocast_dtype, the one place that picks the autocast dtype (loss
+    scaling follows it), and cudnn.benchmark as the setup says; both restored afterwards."""
+    previous = utils.autocast_dtype, torch.backends.cudnn.benchmark
+    if setup.force_fp16:
+        utils.autocast_dtype = lambda device: torch.float16
+    torch.backends.cudnn.benchmark = setup.cudnn_benchmark
+    try:
+        yield
+    finally:
+        utils.autocast_dtype, torch.backends.cudnn.benchmark = previous
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Trainer:
+    """What train.py builds for a run with its default flags, ready for train_one_epoch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    device: torch.device
+    amp: bool
+
+    def epoch(self, loader: TrainBatches | RepeatedBatch | FirstBatches) -> None:
+        train.train_one_epoch(
+            self.model, loader, self.optimizer, self.scheduler, self.scaler, self.loss_fn, self.device, self.amp,
+            "timing",
+        )
+
+
+def default_flags(name: str):  # noqa: ANN201 - an argparse.Namespace of train.py's flags
+    return train.build_parser().parse_args(["-n", name])
+
+
+def make_trainer(name: str, device: torch.device, setup: Setup, steps_per_epoch: int) -> Trainer:
+    """The model (channels-last on CUDA, compiled if asked), AdamW, the one-cycle schedule of a
+    default-length run, the scaler and the loss, as train.py makes them. Call inside configured(setup)."""
+    flags = default_flags(name)
+    model = build_model(name, **train.model_kwargs(flags)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if setup.compiled:
+        model = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=flags.learning_rate, weight_decay=flags.weight_decay)
+    scheduler = train.make_scheduler(optimizer, flags.learning_rate, flags.epochs, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=utils.needs_loss_scaling(device, setup.amp))
+    loss_fn = utils.BCEDiceLoss(*utils.LOSS_WEIGHTS[flags.loss])
+    return Trainer(model, optimizer, scheduler, scaler, loss_fn, device, setup.amp)
+
+
+def time_epoch(trainer: Trainer, loader: TrainBatches | RepeatedBatch, warmup_steps: int) -> tuple[float, float]:
+    """Seconds per step of one epoch over `loader`, after a warm-up of its first `warmup_steps`
+    batches (cudnn's autotuning, compiling, the allocator's first requests; none needed on a CPU);
+    and the warm-up's seconds."""
+    start = time.perf_counter()
+    if warmup_steps:
+        trainer.epoch(FirstBatches(loader, warmup_steps))
+        synchronize(trainer.device)
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    trainer.epoch(loader)
+    synchronize(trainer.device)
+    return (time.perf_counter() - start) / len(loader), warmup
+
+
+def tiled(split: CachedSplit, n_images: int) -> CachedSplit:
+    """n_images cycling through the split: an epoch of as many steps as asked, whatever the split's size."""
+    index = torch.arange(n_images) % len(split)
+    return CachedSplit(split.images[index], split.masks[index], [split.names[i] for i in index.tolist()])
+
+
+def cache_placements(split: CachedSplit, device: torch.device) -> dict[str, CachedSplit]:
+    """The split where a run may keep it: moved to the GPU, or left in CPU memory (batches.py then
+    gathers each batch into page-locked memory and copies it). On the CPU the two are one."""
+    if device.type != "cuda":
+        return {"CPU memory (on the CPU, device and page-locked memory are one)": split}
+    on_gpu = CachedSplit(split.images.to(device), split.masks.to(device), split.names)
+    return {"GPU memory": on_gpu, "page-locked CPU memory": split}
+
+
+def train_batches(split: CachedSplit, batch_size: int, device: torch.device, image_size: int) -> tuple:
+    """TrainBatches over the split, and a note when it moved a CPU split to the GPU by itself (a
+    batches.py that still decides the placement): then a page-locked row would time GPU memory."""
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    loader = TrainBatches(split, batch_size, device, image_size, IMAGENET_MEAN, IMAGENET_STD)
+    if device.type == "cuda" and split.images.device.type == "cpu":
+        moved = torch.cuda.memory_allocated(device) - before >= 0.9 * split.images.nbytes
+        if moved:
+            return loader, "batches.py moved this split to the GPU itself: this row timed GPU memory"
+    return loader, ""
+
+
+def training_rows(
+    name: str, split: CachedSplit, device: torch.device, batch_size: int, image_size: int, steps: int,
+    warmup_steps: int, setup: Setup, placements: int,
+) -> Iterator[dict]:
+    """Rows of one setup: compute only, then fed by the cached loader from the first `placements`
+    cache placements. `split` is the crop-source cache, tiled to steps x batch_size images."""
+    with configured(setup):
+        trainer = make_trainer(name, device, setup, steps)
+        caches = dict(list(cache_placements(tiled(split, steps * batch_size), device).items())[:placements])
+        row = {"model": name, "setup": setup, "cache": "", "feed": "one ready batch (compute only)", "note": ""}
+        first_loader, _ = train_batches(next(iter(caches.values())), batch_size, device, image_size)
+        batch = next(iter(first_loader))
+        compute, warmup = time_epoch(trainer, RepeatedBatch(batch, steps), warmup_steps)
+        if setup.compiled:
+            row["note"] = f"first {warmup_steps} steps (compiling) took {warmup:.0f} s"
+        yield {**row, "step_seconds": compute, "ratio": None}
+        del first_loader, batch
+        for place, cache in caches.items():
+            loader, note = train_batches(cache, batch_size, device, image_size)
+            fed, _ = time_epoch(trainer, loader, warmup_steps)
+            yield {**row, "cache": place, "feed": "cached loader", "note": note, "step_seconds": fed,
+                   "ratio": compute / fed}
+            del loader
+
+
+def peak_memory(name: str, device: torch.device, batch_size: int, image_size: int, steps: int = 3) -> dict:
+    """Peak CUDA memory of a few mixed-precision training steps at this batch, and what is left of it per image
+    once the model, its gradients and AdamW's two moments (4x the parameters' bytes) are taken off."""
+    torch.cuda.empty_cache()
+    synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    setup = Setup(amp=True)
+    with configured(setup):
+        trainer = make_trainer(name, device, setup, steps)
+        images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+        masks = (torch.rand(batch_size, 1, image_size, image_size, device=device) > 0.5).float()
+        trainer.epoch(RepeatedBatch((images, masks), steps))
+        synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    fixed = 4 * sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    return {"model": name, "batch": batch_size, "peak": peak, "fixed": fixed, "per_image": (peak - fixed) / batch_size}
+
+
+def train_flops_per_image(name: str, image_size: int) -> float:
+    """FLOPs of one training step per image (forward, loss, backward), counted on the meta device.
+    Below FLOP_COUNT_MIN_SIZE they are counted there and scaled by the area: one image's deepest
+    stage would be 1x1, where BatchNorm cannot train, and convolutions cost in proportion to pixels."""
+    counted = max(image_size, FLOP_COUNT_MIN_SIZE)
+    with torch.device("meta"):
+        model = build_model(name, **train.model_kwargs(default_flags(name))).train()
+        return count_flops(model, counted, backward=True) * (image_size / counted) ** 2
+
+
+def projected_seconds(step_seconds: float, batch_size: int, eval_images_per_second: float) -> float:
+    """RECIPE_EPOCHS epochs of the full split at the measured speed: the training steps, plus a
+    validation pass timed as inference (checkpoint writes and the test pass not included)."""
+    per_epoch = FULL_TRAIN_IMAGES // batch_size * step_seconds + FULL_VALID_IMAGES / eval_images_per_second
+    return RECIPE_EPOCHS * per_epoch
