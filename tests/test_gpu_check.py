@@ -1,0 +1,164 @@
+"""benchmarks/gpu_check.py: the first GPU's one command. --smoke runs every stage on the CPU at toy
+sizes into one report with real numbers; stages short of time are skipped, a failing one is reported
+and the next goes on, one cut off at its limit keeps what it wrote; and the training-speed pieces
+throughput.py times with."""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import utils
+from conftest import REPO_ROOT
+from make_synthetic_pets import make_synthetic_pets
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import deadline  # noqa: E402
+import gpu_check  # noqa: E402
+import train_speed  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """(report, output folder) of `gpu_check.py --smoke` with a 12-image sample."""
+    tmp = tmp_path_factory.mktemp("gpu_check")
+    sample = make_synthetic_pets(tmp / "sample", n_trainval=12, n_test=4)
+    output = tmp / "out"
+    gpu_check.main(["--smoke", "--output", str(output), "--sample", str(sample), "--runs-dir", str(tmp / "runs")])
+    return (output / gpu_check.REPORT_NAME).read_text(), output
+
+
+def section(report: str, number: int) -> str:
+    return report.split(f"\n## {number}. ")[1].split("\n## ")[0]
+
+
+def test_smoke_run_reports_every_stage_with_real_numbers(smoke: tuple[str, Path]) -> None:
+    report, output = smoke
+    for number, stage in enumerate(gpu_check.STAGES, start=1):
+        assert f"| {number}. {stage.name} | finished |" in report, report
+    platform = section(report, 1)
+    assert f"| torch | {torch.__version__} |" in platform
+    assert re.search(r"CUDA-only tests .*\*\*pass\*\* \(exit code 0, .*skipped", platform), platform
+
+    syncs = section(report, 2)
+    counted = re.search(r"\| (\d+) \| (\d+) \| (\d+\.\d\d) \| (\d+\.\d) \| \*\*(within|over) budget\*\* \|", syncs)
+    assert counted, syncs
+    n_syncs, steps, per_step = int(counted[1]), int(counted[2]), float(counted[3])
+    assert steps == 2 and per_step == pytest.approx(n_syncs / steps, abs=0.005)
+    assert n_syncs == 0 or "train.py:" in syncs, "the sites of the syncs are listed"
+
+    throughput = section(report, 3)
+    fed = re.search(r"\| resnet34_unet \| float32 \| eager \| n/a \| CPU memory [^|]*\| cached loader \| ([\d.]+) \| "
+                    r"([\d.]+) \| (\d+)% ", throughput)
+    compute = re.search(r"\| resnet34_unet \| float32 \| eager \| n/a \|  \| one ready batch \(compute only\) \| "
+                        r"([\d.]+) \|", throughput)
+    assert fed and compute, throughput
+    assert float(fed[1]) > 0 and float(compute[1]) > 0 and int(fed[3]) > 0
+    projection = re.search(r"\| resnet34_unet \| [\d.]+ \| \d+% \| ([\d.]+) \| [\d.]+ \| [\d.]+% \| ([\d.]+) \|",
+                           throughput)
+    assert projection and float(projection[1]) > 0 and float(projection[2]) > 0, throughput
+    assert "input, augmented: petseg cache + batched augmentation on cpu" in throughput
+
+    torchrun = section(report, 4)
+    assert "**pass**: one epoch, resume, exit 0" in torchrun and "backend gloo" in torchrun
+    assert re.search(r"\| 2: `--resume` the run folder \| 0 \| \d+ \| epoch 2 trained; test Dice 0\.\d{4} \|", torchrun)
+
+    study = section(report, 5)
+    for network in ("resnet34_unet", "unet"):
+        assert re.search(rf"\*\*{network}\*\*\n\n\| variant .*\n.*\n\| default \| `\(defaults\)` \| 1 \| 0\.\d{{4}} \|",
+                         study), study
+    assert "2 of 2 planned runs finished." in study
+
+    files = list(output.iterdir())
+    assert len(files) <= 8 and all(path.is_file() and path.stat().st_size < 16 * 2**20 for path in files)
+
+
+def test_an_output_folder_holding_a_report_is_a_flag_error(smoke: tuple[str, Path]) -> None:
+    _, output = smoke
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.parse_args(["--output", str(output)])
+    assert exit_info.value.code == 2
+
+
+def test_stages_short_of_time_are_skipped_with_a_line_saying_so(tmp_path: Path) -> None:
+    gpu_check.main(["--smoke", "--output", str(tmp_path), "--budget-minutes", "0.1", "--runs-dir", str(tmp_path / "r")])
+    report = (tmp_path / gpu_check.REPORT_NAME).read_text()
+    for number, stage in enumerate(gpu_check.STAGES[:-1], start=1):
+        assert re.search(rf"\| {number}\. {stage.name} \| skipped: \d+ s left for it, and it needs at least", report)
+    assert "| 5. study | skipped: no --sample given" in report
+
+
+# A stand-in for gpu_stages.py: each stage writes a line of its section, then one fails and one hangs.
+FAKE_STAGES = """
+    import sys
+    import time
+
+    stage, section = sys.argv[1], sys.argv[sys.argv.index("--section") + 1]
+    with open(section, "w") as file:
+        file.write(f"{stage}: first row\\n")
+    if stage == "syncs":
+        print("Traceback (most recent call last):\\nRuntimeError: the stage broke")
+        sys.exit(1)
+    if stage == "throughput":
+        time.sleep(60)
+"""
+
+
+def test_a_failed_stage_is_reported_and_the_next_runs_and_one_cut_off_keeps_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "fake_stages.py"
+    fake.write_text(textwrap.dedent(FAKE_STAGES))
+    monkeypatch.setattr(gpu_check, "GPU_STAGES", fake)
+    monkeypatch.setattr(gpu_check, "FINAL_MARGIN", 0.0)
+    quick = [gpu_check.Stage(name, name, 0.15, 0.1) for name in ("platform", "syncs", "throughput", "torchrun")]
+    monkeypatch.setattr(gpu_check, "STAGES", tuple(quick))
+    out = tmp_path / "out"
+    start = time.monotonic()
+    with pytest.raises(utils.PetsegError, match="stage.s. syncs failed"):
+        gpu_check.main(["--output", str(out), "--budget-minutes", "0.1", "--runs-dir", str(out / "runs")])
+    assert time.monotonic() - start < 15, "the hanging stage was stopped at its limit"
+    report = (out / gpu_check.REPORT_NAME).read_text()
+    assert "| 1. platform | finished |" in report and "| 2. syncs | **failed** (exit code 1) |" in report
+    assert "RuntimeError: the stage broke" in section(report, 2)
+    assert re.search(r"\| 3\. throughput \| cut off at its limit of \d+ s", report)
+    assert "throughput: first row" in section(report, 3)
+    assert "| 4. torchrun | finished |" in report and "torchrun: first row" in section(report, 4)
+
+
+def test_run_until_stops_a_command_at_its_deadline_with_ctrl_c_then_a_kill(tmp_path: Path) -> None:
+    output = tmp_path / "out.txt"
+    polite = [sys.executable, "-c", "import time\ntry:\n time.sleep(60)\nexcept KeyboardInterrupt:\n print('saved')"]
+    assert deadline.run_until(polite, time.monotonic() + 1, output) is None
+    assert "saved" in output.read_text(), "Ctrl-C first, so that a run can keep its last epoch"
+    ignores_ctrl_c = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
+    stubborn = [sys.executable, "-c", ignores_ctrl_c]
+    start = time.monotonic()
+    assert deadline.run_until(stubborn, time.monotonic() + 0.5, output, grace=0.5) is None
+    assert time.monotonic() - start < 10
+    assert deadline.run_until([sys.executable, "-c", "raise SystemExit(3)"], time.monotonic() + 30, output) == 3
+
+
+def test_forced_fp16_reaches_autocast_and_the_scaler_and_is_undone() -> None:
+    setup = train_speed.Setup(amp=True, force_fp16=True, cudnn_benchmark=False)
+    benchmark = torch.backends.cudnn.benchmark
+    with train_speed.configured(setup):
+        assert utils.autocast_dtype(CPU) == torch.float16 and utils.needs_loss_scaling(CPU, amp=True)
+        trainer = train_speed.make_trainer("resnet34_unet", CPU, setup, steps_per_epoch=2)
+        assert trainer.scaler.is_enabled() and not torch.backends.cudnn.benchmark
+    assert utils.autocast_dtype(CPU) == torch.bfloat16 and not utils.needs_loss_scaling(CPU, amp=True)
+    assert torch.backends.cudnn.benchmark == benchmark
+    assert setup.precision(CPU) == "float16 autocast with loss scaling (forced)"
+
+
+def test_projection_counts_the_full_splits_steps_and_a_validation_pass() -> None:
+    # 3312 // 32 = 103 steps of 0.1 s and 368 valid images at 368 img/s: 11.3 s an epoch, 200 epochs.
+    assert train_speed.projected_seconds(0.1, 32, 368.0) == pytest.approx(200 * (103 * 0.1 + 1.0))
