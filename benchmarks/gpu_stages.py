@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,9 @@ STEPS_PER_SYNC, SYNCS_PER_EPOCH = 25, 4
 # The README's candidates from the CPU study, after the defaults of both networks.
 CANDIDATES = ("lr3e-3=-lr 3e-3", "batch16=-b 16", "wide-decoder=--decoder-channels 256 128 64 64 32",
               "full-res-skip=--full-res-skip")
+# What the code needs besides torch, torchvision and the standard library (and the suite, pytest): a GPU
+# machine without a package registry must already have them.
+PACKAGES = ("numpy", "pillow", "matplotlib", "tqdm", "pytest")
 STUDY_SEEDS = 3  # as many as fit, up to the README's three
 FIRST_RUN_SECONDS = 60  # a study run with no earlier one of its network to go by is started with this much left
 
@@ -110,7 +114,10 @@ def gpu_rows() -> list[list[object]]:
     major, minor = torch.cuda.get_device_capability(0)
     arch_list = torch.cuda.get_arch_list()
     built = f"sm_{major}{minor}" in arch_list
-    nccl = torch.cuda.nccl.version()
+    try:
+        nccl = torch.cuda.nccl.version()
+    except (AttributeError, RuntimeError) as error:  # a build without NCCL: stage 4 will say more
+        nccl = f"unavailable ({error})"
     rows += [
         ["capability", f"sm_{major}{minor}"],
         ["the wheel's arch list", " ".join(arch_list)],
@@ -125,20 +132,31 @@ def gpu_rows() -> list[list[object]]:
     return rows
 
 
+def installed(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "**missing**"
+
+
 def platform(ctx: Context) -> None:
     import torchvision
 
     rows = [
         ["Python", python_platform.python_version()],
-        ["torch", torch.__version__],
+        ["torch", torch.__version__],  # with its build tag (+cu128), which the package metadata leaves out
         ["torchvision", torchvision.__version__],
+        *([package, installed(package)] for package in PACKAGES),
         ["CUDA of the torch build", torch.version.cuda or "none (a CPU build)"],
         ["cuDNN", torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else "none"],
         ["CPU cores", os.cpu_count()],
         *gpu_rows(),
     ]
     lines = table(["what", "value"], rows)
-    ctx.write(lines + ["", "The suite's CUDA-only tests (`python -m pytest -m cuda -q`): running."])
+    ctx.write(lines + ["", "The suite's CUDA-only tests (`pytest -m cuda`): running."])
+    if installed("pytest").startswith("**"):
+        ctx.write(lines + ["", "The suite's CUDA-only tests: **not run**, pytest is not installed here."])
+        return
     # Only the files that mark a test `cuda` are collected: the rest of the suite would be deselected anyway.
     marked = sorted(str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "tests").glob("test_*.py")
                     if "mark.cuda" in path.read_text())
@@ -147,7 +165,7 @@ def platform(ctx: Context) -> None:
     summaries = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|deselected|error).*?)\s*=*$", text, re.MULTILINE)
     summary = summaries[-1] if summaries else "no summary line"
     verdict = {0: "pass", 5: "none selected: no test is marked `cuda`", None: "stopped at the stage's limit"}
-    lines += ["", f"The suite's CUDA-only tests (`python -m pytest -m cuda -q`): **{verdict.get(code, 'FAIL')}** "
+    lines += ["", f"The suite's CUDA-only tests (`pytest -m cuda {' '.join(marked)}`): **{verdict.get(code, 'FAIL')}** "
                   f"(exit code {code}, {seconds:.0f} s): {summary}."]
     if code not in (0, 5):
         lines += tail(text, 30)
@@ -218,8 +236,8 @@ def syncs(ctx: Context) -> None:
     how = "torch.cuda.set_sync_debug_mode('warn')" if ctx.cuda else "tools/host_syncs.py (src/'s calls that would sync)"
     within = counter.syncs <= counter.budget()
     lines = [
-        f"`train.py` on {n_images} synthetic images at {size}², batch 4, {counter.epochs} epochs of "
-        f"{counter.steps // max(counter.epochs, 1)} steps, on {'cuda' if ctx.cuda else 'the CPU'}; syncs counted "
+        f"`train.py` on {n_images} synthetic images at {size}², batch 4, {counter.steps} steps over "
+        f"{counter.epochs} epoch(s), on {'cuda' if ctx.cuda else 'the CPU'}; syncs counted "
         f"inside train_one_epoch with {how}.", "",
         *table(
             ["syncs", "steps", "syncs per step", f"budget: 1 per {STEPS_PER_SYNC} steps + {SYNCS_PER_EPOCH} per epoch",

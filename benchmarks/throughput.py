@@ -41,7 +41,7 @@ from batches import EvalBatches, TrainBatches  # noqa: E402
 from cache import CachedSplit, load_or_build  # noqa: E402
 from cli import argument_parser  # noqa: E402
 from make_synthetic_pets import REAL_IMAGE_SIZE, make_synthetic_pets  # noqa: E402
-from models import MODEL_NAMES, build_model  # noqa: E402
+from models import MODEL_NAMES  # noqa: E402
 from oxford_pet import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -241,9 +241,7 @@ def model_rows(report: Report, tables: dict, name: str, split: CachedSplit, devi
             name, str(args.batch_size), f"{memory['peak'] / 2**30:.2f}", f"{memory['fixed'] / 2**30:.2f}",
             f"{memory['per_image'] / 2**20:.1f}",
         ])
-    model = build_model(name).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = train_speed.default_model(name, device)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     predict = inference_rate(model, images, device, default.amp, args.steps)
     del model, images
@@ -368,9 +366,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         device_name = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({torch.get_num_threads()} threads)"
         report = Report(args.report_to, (
-            f"{images} at {args.image_size}², on {device_name}; training rows: "
-            f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup_steps} warm-up steps, train.py's "
-            f"defaults (AdamW, one-cycle schedule, BCE + soft Dice{', channels-last' if on_cuda else ''})."
+            f"{images} at {args.image_size}², on {device_name}. Training rows: batch {args.batch_size}, timed "
+            f"steps per row {args.steps}, after warm-up steps {args.warmup_steps}; train.py's defaults (AdamW, "
+            f"one-cycle schedule, BCE + soft Dice{', channels-last' if on_cuda else ''})."
         ))
         split = input_rows(report, data_path, args.image_size, args.batch_size, device, Path(scratch))
         measure_models(report, split, device, args)

@@ -121,13 +121,17 @@ def default_flags(name: str):  # noqa: ANN201 - an argparse.Namespace of train.p
     return train.build_parser().parse_args(["-n", name])
 
 
+def default_model(name: str, device: torch.device) -> nn.Module:
+    """The network as train.py builds it with its default flags: channels-last on CUDA."""
+    model = build_model(name, **train.model_kwargs(default_flags(name))).to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
 def make_trainer(name: str, device: torch.device, setup: Setup, steps_per_epoch: int) -> Trainer:
-    """The model (channels-last on CUDA, compiled if asked), AdamW, the one-cycle schedule of a
-    default-length run, the scaler and the loss, as train.py makes them. Call inside configured(setup)."""
+    """The model (compiled if asked), AdamW, the one-cycle schedule of a default-length run, the
+    scaler and the loss, as train.py makes them. Call inside configured(setup)."""
     flags = default_flags(name)
-    model = build_model(name, **train.model_kwargs(flags)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = default_model(name, device)
     if setup.compiled:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=flags.learning_rate, weight_decay=flags.weight_decay)

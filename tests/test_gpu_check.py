@@ -162,3 +162,30 @@ def test_forced_fp16_reaches_autocast_and_the_scaler_and_is_undone() -> None:
 def test_projection_counts_the_full_splits_steps_and_a_validation_pass() -> None:
     # 3312 // 32 = 103 steps of 0.1 s and 368 valid images at 368 img/s: 11.3 s an epoch, 200 epochs.
     assert train_speed.projected_seconds(0.1, 32, 368.0) == pytest.approx(200 * (103 * 0.1 + 1.0))
+
+
+def test_on_cuda_every_sync_warning_inside_an_epoch_counts_at_the_line_that_made_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import warnings
+
+    import gpu_stages
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)  # what a GPU would do: warn on each sync
+
+    def an_epoch(model, loader, *args, **kwargs):  # noqa: ANN001, ANN202 - train_one_epoch's signature
+        for _ in loader:
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
+        return {}
+
+    counter = gpu_stages.StepSyncs(cuda=True)
+    counted = counter.wrap(an_epoch)
+    counted(None, [1, 2, 3])
+    counted(None, [1, 2])
+    assert (counter.syncs, counter.steps, counter.epochs) == (5, 5, 2)
+    line = an_epoch.__code__.co_firstlineno + 2
+    assert counter.sites == {f"test_gpu_check.py:{line}": 5}
+    assert modes == ["warn", "default"] * 2, "the debug mode is on only inside the epochs"
+    assert counter.budget() == pytest.approx(5 / gpu_stages.STEPS_PER_SYNC + 2 * gpu_stages.SYNCS_PER_EPOCH)
