@@ -77,7 +77,7 @@ class Check:
     def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
         self.args, self.argv = args, argv
         self.budget = args.budget_minutes * 60
-        self.started = time.monotonic()
+        self.started, self.date = time.monotonic(), datetime.now()
         self.deadline = self.started + self.budget
         self.outcomes = {stage.name: Outcome() for stage in STAGES}
 
@@ -88,7 +88,7 @@ class Check:
     def render(self) -> str:
         smoke = " (`--smoke`: every stage on the CPU at toy sizes)" if self.args.smoke else ""
         lines = [
-            f"# GPU check, {datetime.now():%Y-%m-%d %H:%M}", "", "```",
+            f"# GPU check, {self.date:%Y-%m-%d %H:%M}", "", "```",
             " ".join(["python benchmarks/gpu_check.py", *self.argv]), "```", "",
             f"Budget {self.args.budget_minutes:g} minutes{smoke}; {time.monotonic() - self.started:.0f} s so far. "
             "Each stage's output is in `N-STAGE.log` beside this file.", "",
@@ -131,6 +131,7 @@ class Check:
         if reason is not None:
             outcome.status = reason
             self.write()
+            print(f"gpu_check: stage {index + 1}, {stage.name}: {reason}", flush=True)
             return
         section = scratch / f"{stage.name}.md"
         log = self.args.output / f"{index + 1}-{stage.name}.log"
@@ -164,6 +165,7 @@ class Check:
         if code != 0:
             outcome.detail = ["End of its log:", "", "```", *tail_lines(log, 25), "```"]
         self.write()
+        print(f"gpu_check: stage {index + 1}, {stage.name}: {outcome.status} ({outcome.seconds:.0f} s)", flush=True)
 
 
 def child_environment() -> dict[str, str]:

@@ -22,7 +22,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -185,7 +185,7 @@ class StepSyncs:
         self.sites: Counter[str] = Counter()
 
     def wrap(self, train_one_epoch: Callable) -> Callable:
-        def counted(model, loader, *args, **kwargs):  # noqa: ANN001, ANN202 - train_one_epoch's own
+        def counted(model: object, loader: Sized, *args: object, **kwargs: object) -> dict[str, float]:
             with self.counting():
                 result = train_one_epoch(model, loader, *args, **kwargs)
             self.steps += len(loader)
@@ -280,7 +280,7 @@ def interrupted_train(argv: list[str]) -> None:
 
     real_epoch, calls = train.train_one_epoch, []
 
-    def first_epoch_only(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - train_one_epoch's own
+    def first_epoch_only(*args: object, **kwargs: object) -> dict[str, float]:
         calls.append(1)
         if len(calls) > 1:
             raise KeyboardInterrupt
@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample", type=Path, default=None, help="the real sample's folder")
     parser.add_argument("--runs-dir", type=Path, default=None, help="where the study's runs go")
     args = parser.parse_args(argv)
+    if args.stage == "study" and (args.sample is None or args.runs_dir is None):
+        parser.error("the study stage needs --sample (the real sample's folder) and --runs-dir.")
     # Time to report before gpu_check stops the stage: a child's Ctrl-C grace period, and writing.
     margin = min(30.0, 0.2 * args.seconds)
     ctx = Context(

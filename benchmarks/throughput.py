@@ -25,7 +25,7 @@ import tempfile
 import time
 import traceback
 from argparse import BooleanOptionalAction, Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -115,7 +115,7 @@ def images_per_second(count: int, run: Callable[[], object]) -> float:
     return count / (time.perf_counter() - start)
 
 
-def epoch(batches, device: torch.device) -> None:  # noqa: ANN001 - any iterable of batches
+def epoch(batches: Iterable, device: torch.device) -> None:
     for _ in batches:
         pass
     synchronize(device)
@@ -181,6 +181,16 @@ def input_rows(
     torch.set_num_threads(threads)
     return caches[crop_source_size(size)]
 
+
+def failure(error: Exception, device: torch.device) -> str:
+    """What a failed measurement's row says (its traceback goes to the log); frees the GPU memory it held."""
+    traceback.print_exc()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"failed: {type(error).__name__}: {reason}"
+
+
 def setup_cells(name: str, setup: Setup, device: torch.device) -> list[str]:
     cudnn = ("on" if setup.cudnn_benchmark else "off") if device.type == "cuda" else "n/a"
     return [name, setup.precision(device), "compile" if setup.compiled else "eager", cudnn]
@@ -210,13 +220,8 @@ def time_setup(
         ):
             report.row(table, training_cells(row, args.batch_size, device))
             rows.append(row)
-    except Exception as error:  # the traceback goes to the log, the reason into the table
-        traceback.print_exc()
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        report.row(table, [*setup_cells(name, setup, device), "", "", "", "", "", f"failed: {type(error).__name__}: "
-                           f"{reason}"])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    except Exception as error:  # reported in the table; the other rows go on
+        report.row(table, [*setup_cells(name, setup, device), "", "", "", "", "", failure(error, device)])
     return rows
 
 
@@ -228,7 +233,9 @@ def eager_setups(device: torch.device, fp16: bool) -> list[Setup]:
     return [Setup(amp=True), *forced, Setup(amp=True, cudnn_benchmark=False)]
 
 
-def model_rows(report: Report, tables: dict, name: str, split: CachedSplit, device: torch.device, args: Namespace):  # noqa: ANN201
+def model_rows(
+    report: Report, tables: dict, name: str, split: CachedSplit, device: torch.device, args: Namespace
+) -> float | None:
     """The model's eager training rows, its memory per image (on CUDA), its inference speed and the
     projection of a full run; returns its compute-only seconds per step under train.py's defaults."""
     default = eager_setups(device, fp16=False)[0]
@@ -236,24 +243,30 @@ def model_rows(report: Report, tables: dict, name: str, split: CachedSplit, devi
     for setup in eager_setups(device, args.fp16):
         rows += time_setup(report, tables["training"], name, split, device, args, setup, 2 if setup == default else 1)
     if "memory" in tables:
-        memory = train_speed.peak_memory(name, device, args.batch_size, args.image_size)
-        report.row(tables["memory"], [
-            name, str(args.batch_size), f"{memory['peak'] / 2**30:.2f}", f"{memory['fixed'] / 2**30:.2f}",
-            f"{memory['per_image'] / 2**20:.1f}",
-        ])
-    model = train_speed.default_model(name, device)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    predict = inference_rate(model, images, device, default.amp, args.steps)
-    del model, images
-    compute, fed = ([row for row in rows if row["setup"] == default] + [None, None])[:2]
-    if fed is not None:
-        report.row(tables["projection"], projection_cells(name, compute, fed, predict, device, args))
-    return compute["step_seconds"] if compute is not None else None
+        try:
+            memory = train_speed.peak_memory(name, device, args.batch_size, args.image_size)
+            cells = [f"{memory['peak'] / 2**30:.2f}", f"{memory['fixed'] / 2**30:.2f}",
+                     f"{memory['per_image'] / 2**20:.1f}"]
+        except Exception as error:  # reported in the table; the other rows go on
+            cells = ["", "", failure(error, device)]
+        report.row(tables["memory"], [name, str(args.batch_size), *cells])
+    base = [row for row in rows if row["setup"] == default]
+    if len(base) < 2:  # its compute-only or loader-fed row failed: nothing to project from
+        return base[0]["step_seconds"] if base else None
+    try:
+        model = train_speed.default_model(name, device)
+        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+        predict = inference_rate(model, images, device, default.amp, args.steps)
+        del model, images
+        # base[1] is fed from the first cache placement: the GPU's on CUDA, as train.py keeps a cache that fits.
+        report.row(tables["projection"], projection_cells(name, base[1], predict, device, args))
+    except Exception as error:  # reported in the table; the other rows go on
+        report.row(tables["projection"], [name, "", "", "", "", "", "", failure(error, device)])
+    return base[0]["step_seconds"]
 
 
-def projection_cells(
-    name: str, compute: dict, fed: dict, predict: float, device: torch.device, args: Namespace
-) -> list[str]:
+def projection_cells(name: str, fed: dict, predict: float, device: torch.device, args: Namespace) -> list[str]:
+    """The projection's row from the loader-fed row of train.py's defaults and the inference speed."""
     rate = args.batch_size / fed["step_seconds"]
     tflops = train_speed.train_flops_per_image(name, args.image_size) * rate / 1e12
     minutes = train_speed.projected_seconds(fed["step_seconds"], args.batch_size, predict) / 60
@@ -296,7 +309,7 @@ def measure_models(report: Report, split: CachedSplit, device: torch.device, arg
     for name in args.models:
         setup = Setup(amp=device.type == "cuda", compiled=True, cudnn_benchmark=device.type == "cuda")
         rows = time_setup(report, tables["training"], name, split, device, args, setup, 1)
-        if rows and eager[name]:
+        if rows and eager[name] is not None:
             report.note(f"torch.compile, compute only: {name} at {eager[name] / rows[0]['step_seconds']:.2f}x eager's "
                         "speed.")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from argparse import Namespace
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -117,7 +118,8 @@ class Trainer:
         )
 
 
-def default_flags(name: str):  # noqa: ANN201 - an argparse.Namespace of train.py's flags
+def default_flags(name: str) -> Namespace:
+    """train.py's flags as a run with only `-n NAME` has them."""
     return train.build_parser().parse_args(["-n", name])
 
 
@@ -171,7 +173,9 @@ def cache_placements(split: CachedSplit, device: torch.device) -> dict[str, Cach
     return {"GPU memory": on_gpu, "page-locked CPU memory": split}
 
 
-def train_batches(split: CachedSplit, batch_size: int, device: torch.device, image_size: int) -> tuple:
+def train_batches(
+    split: CachedSplit, batch_size: int, device: torch.device, image_size: int
+) -> tuple[TrainBatches, str]:
     """TrainBatches over the split, and a note when it moved a CPU split to the GPU by itself (a
     batches.py that still decides the placement): then a page-locked row would time GPU memory."""
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0

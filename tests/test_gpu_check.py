@@ -174,7 +174,7 @@ def test_on_cuda_every_sync_warning_inside_an_epoch_counts_at_the_line_that_made
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)  # what a GPU would do: warn on each sync
 
-    def an_epoch(model, loader, *args, **kwargs):  # noqa: ANN001, ANN202 - train_one_epoch's signature
+    def an_epoch(model: object, loader: list, *args: object, **kwargs: object) -> dict:
         for _ in loader:
             warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
         warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
