@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "benchmarks")]
+sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools")]
 
 from cli import argument_parser  # noqa: E402
 from deadline import run_until  # noqa: E402

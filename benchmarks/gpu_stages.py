@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         interrupted_train(argv[1:])
         return
     parser = argument_parser("Run one stage of gpu_check.py, writing its part of the report.")
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", choices=STAGES, help="which stage to run")
     parser.add_argument("--section", type=Path, required=True, help="the markdown file this stage writes")
     parser.add_argument("--log", type=Path, required=True, help="the stage's log, which its commands' output joins")
     parser.add_argument("--seconds", type=float, required=True, help="the stage's time limit")

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools"), str(REPO_ROOT / "benchmarks")]
+sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools")]
 
 import train_speed  # noqa: E402
 from batches import EvalBatches, TrainBatches  # noqa: E402
@@ -52,7 +52,7 @@ from oxford_pet import (  # noqa: E402
     trimap_path,
 )
 from train_speed import FED_TARGET, Setup, synchronize  # noqa: E402
-from utils import atomic_write, autocast, run_script, select_device  # noqa: E402
+from utils import atomic_write, autocast, default_amp, run_script, select_device  # noqa: E402
 
 TRAINING_COLUMNS = [
     "model", "precision", "compile", "cudnn.benchmark", "cache", "fed by", "img/s", "ms/step", "fed / compute-only",
@@ -227,10 +227,10 @@ def time_setup(
 
 def eager_setups(device: torch.device, fp16: bool) -> list[Setup]:
     """train.py's defaults on this device first (its rows time every cache placement), then one change each."""
-    forced = [Setup(amp=True, force_fp16=True, cudnn_benchmark=device.type == "cuda")] if fp16 else []
-    if device.type != "cuda":
-        return [Setup(amp=False, cudnn_benchmark=False), *forced]
-    return [Setup(amp=True), *forced, Setup(amp=True, cudnn_benchmark=False)]
+    cuda = device.type == "cuda"
+    forced = [Setup(amp=True, force_fp16=True, cudnn_benchmark=cuda)] if fp16 else []
+    default = Setup(amp=default_amp(device), cudnn_benchmark=cuda)  # as train.py's configure_backends sets it
+    return [default, *forced, *([Setup(amp=default.amp, cudnn_benchmark=False)] if cuda else [])]
 
 
 def model_rows(
@@ -307,7 +307,7 @@ def measure_models(report: Report, split: CachedSplit, device: torch.device, arg
         report.note("torch.compile: not timed (--no-compile, the default off CUDA, where compiling takes minutes).")
         return
     for name in args.models:
-        setup = Setup(amp=device.type == "cuda", compiled=True, cudnn_benchmark=device.type == "cuda")
+        setup = Setup(amp=default_amp(device), compiled=True, cudnn_benchmark=device.type == "cuda")
         rows = time_setup(report, tables["training"], name, split, device, args, setup, 1)
         if rows and eager[name] is not None:
             report.note(f"torch.compile, compute only: {name} at {eager[name] / rows[0]['step_seconds']:.2f}x eager's "

@@ -152,8 +152,8 @@ def test_forced_fp16_reaches_autocast_and_the_scaler_and_is_undone() -> None:
     benchmark = torch.backends.cudnn.benchmark
     with train_speed.configured(setup):
         assert utils.autocast_dtype(CPU) == torch.float16 and utils.needs_loss_scaling(CPU, amp=True)
-        trainer = train_speed.make_trainer("resnet34_unet", CPU, setup, steps_per_epoch=2)
-        assert trainer.scaler.is_enabled() and not torch.backends.cudnn.benchmark
+        training = train_speed.make_training("resnet34_unet", CPU, setup, loader=[None, None])
+        assert training.trainer.scaler.is_enabled() and not torch.backends.cudnn.benchmark
     assert utils.autocast_dtype(CPU) == torch.bfloat16 and not utils.needs_loss_scaling(CPU, amp=True)
     assert torch.backends.cudnn.benchmark == benchmark
     assert setup.precision(CPU) == "float16 autocast with loss scaling (forced)"

@@ -3,7 +3,7 @@ timed over the cached loader's batches and over one ready batch repeated (comput
 setups a GPU offers (bf16, or fp16 with loss scaling; eager or torch.compile; cudnn.benchmark on or
 off); the memory each image of a batch takes; and what 200 epochs of the full split would take.
 
-throughput.py prints these rows; nothing here knows about reports.
+benchmarks/throughput.py prints these rows; nothing here knows about reports.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import time
 from argparse import Namespace
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 from itertools import islice
 
 import torch
 from torch import nn
 
+import run_state
 import train
 import utils
 from batches import TrainBatches
@@ -34,6 +35,7 @@ H200_BF16_TFLOPS = 790.0
 TARGET_MINUTES = {"resnet34_unet": 3.0, "unet": 15.0}
 FED_TARGET = 0.95  # loader-fed at least this share of compute-only
 FLOP_COUNT_MIN_SIZE = 64
+NORMALISATION = (IMAGENET_MEAN, IMAGENET_STD)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -100,21 +102,20 @@ def synchronize(device: torch.device) -> None:
 
 
 @dataclass
-class Trainer:
-    """What train.py builds for a run with its default flags, ready for train_one_epoch."""
+class Training:
+    """What train.py trains with (its run_state.Trainer: the model as it trains, AdamW, the schedule, the
+    scaler), and the loss, device and precision it hands train_one_epoch."""
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
+    trainer: run_state.Trainer
     loss_fn: nn.Module
     device: torch.device
     amp: bool
 
     def epoch(self, loader: TrainBatches | RepeatedBatch | FirstBatches) -> None:
+        trainer = self.trainer
         train.train_one_epoch(
-            self.model, loader, self.optimizer, self.scheduler, self.scaler, self.loss_fn, self.device, self.amp,
-            "timing",
+            trainer.model, loader, trainer.optimizer, trainer.scheduler, trainer.scaler, self.loss_fn, self.device,
+            self.amp, "timing", trainer.ema,
         )
 
 
@@ -125,36 +126,33 @@ def default_flags(name: str) -> Namespace:
 
 def default_model(name: str, device: torch.device) -> nn.Module:
     """The network as train.py builds it with its default flags: channels-last on CUDA."""
-    model = build_model(name, **train.model_kwargs(default_flags(name))).to(device)
+    model = build_model(name, **run_state.model_kwargs(default_flags(name))).to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
-def make_trainer(name: str, device: torch.device, setup: Setup, steps_per_epoch: int) -> Trainer:
-    """The model (compiled if asked), AdamW, the one-cycle schedule of a default-length run, the
-    scaler and the loss, as train.py makes them. Call inside configured(setup)."""
+def make_training(name: str, device: torch.device, setup: Setup, loader: Sized) -> Training:
+    """train.make_trainer's model, optimiser, schedule (a default-length run of len(loader) steps an epoch)
+    and scaler, for train.py's default flags with the setup's precision and torch.compile. Call inside
+    configured(setup)."""
     flags = default_flags(name)
-    model = default_model(name, device)
-    if setup.compiled:
-        model = torch.compile(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=flags.learning_rate, weight_decay=flags.weight_decay)
-    scheduler = train.make_scheduler(optimizer, flags.learning_rate, flags.epochs, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=utils.needs_loss_scaling(device, setup.amp))
-    loss_fn = utils.BCEDiceLoss(*utils.LOSS_WEIGHTS[flags.loss])
-    return Trainer(model, optimizer, scheduler, scaler, loss_fn, device, setup.amp)
+    flags.compile = setup.compiled
+    model = build_model(name, **run_state.model_kwargs(flags)).to(device)
+    trainer = train.make_trainer(flags, model, loader, device, setup.amp, device.type == "cuda", resume_from=None)
+    return Training(trainer, utils.BCEDiceLoss(*utils.LOSS_WEIGHTS[flags.loss]), device, setup.amp)
 
 
-def time_epoch(trainer: Trainer, loader: TrainBatches | RepeatedBatch, warmup_steps: int) -> tuple[float, float]:
+def time_epoch(training: Training, loader: TrainBatches | RepeatedBatch, warmup_steps: int) -> tuple[float, float]:
     """Seconds per step of one epoch over `loader`, after a warm-up of its first `warmup_steps`
     batches (cudnn's autotuning, compiling, the allocator's first requests; none needed on a CPU);
     and the warm-up's seconds."""
     start = time.perf_counter()
     if warmup_steps:
-        trainer.epoch(FirstBatches(loader, warmup_steps))
-        synchronize(trainer.device)
+        training.epoch(FirstBatches(loader, warmup_steps))
+        synchronize(training.device)
     warmup = time.perf_counter() - start
     start = time.perf_counter()
-    trainer.epoch(loader)
-    synchronize(trainer.device)
+    training.epoch(loader)
+    synchronize(training.device)
     return (time.perf_counter() - start) / len(loader), warmup
 
 
@@ -165,26 +163,11 @@ def tiled(split: CachedSplit, n_images: int) -> CachedSplit:
 
 
 def cache_placements(split: CachedSplit, device: torch.device) -> dict[str, CachedSplit]:
-    """The split where a run may keep it: moved to the GPU, or left in CPU memory (batches.py then
-    gathers each batch into page-locked memory and copies it). On the CPU the two are one."""
+    """The split where batches.place_cache may keep it: moved to the GPU, or left in CPU memory (batches.py
+    then gathers each batch into page-locked memory and copies it). On the CPU the two are one."""
     if device.type != "cuda":
         return {"CPU memory (on the CPU, device and page-locked memory are one)": split}
-    on_gpu = CachedSplit(split.images.to(device), split.masks.to(device), split.names)
-    return {"GPU memory": on_gpu, "page-locked CPU memory": split}
-
-
-def train_batches(
-    split: CachedSplit, batch_size: int, device: torch.device, image_size: int
-) -> tuple[TrainBatches, str]:
-    """TrainBatches over the split, and a note when it moved a CPU split to the GPU by itself (a
-    batches.py that still decides the placement): then a page-locked row would time GPU memory."""
-    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    loader = TrainBatches(split, batch_size, device, image_size, IMAGENET_MEAN, IMAGENET_STD)
-    if device.type == "cuda" and split.images.device.type == "cpu":
-        moved = torch.cuda.memory_allocated(device) - before >= 0.9 * split.images.nbytes
-        if moved:
-            return loader, "batches.py moved this split to the GPU itself: this row timed GPU memory"
-    return loader, ""
+    return {"GPU memory": split.to(device), "page-locked CPU memory": split}
 
 
 def training_rows(
@@ -194,20 +177,20 @@ def training_rows(
     """Rows of one setup: compute only, then fed by the cached loader from the first `placements`
     cache placements. `split` is the crop-source cache, tiled to steps x batch_size images."""
     with configured(setup):
-        trainer = make_trainer(name, device, setup, steps)
         caches = dict(list(cache_placements(tiled(split, steps * batch_size), device).items())[:placements])
-        row = {"model": name, "setup": setup, "cache": "", "feed": "one ready batch (compute only)", "note": ""}
-        first_loader, _ = train_batches(next(iter(caches.values())), batch_size, device, image_size)
+        first_loader = TrainBatches(next(iter(caches.values())), batch_size, device, image_size, *NORMALISATION)
+        training = make_training(name, device, setup, first_loader)
         batch = next(iter(first_loader))
-        compute, warmup = time_epoch(trainer, RepeatedBatch(batch, steps), warmup_steps)
-        if setup.compiled:
-            row["note"] = f"first {warmup_steps} steps (compiling) took {warmup:.0f} s"
-        yield {**row, "step_seconds": compute, "ratio": None}
+        compute, warmup = time_epoch(training, RepeatedBatch(batch, steps), warmup_steps)
+        note = f"first {warmup_steps} steps (compiling) took {warmup:.0f} s" if setup.compiled else ""
+        row = {"model": name, "setup": setup}
+        yield {**row, "cache": "", "feed": "one ready batch (compute only)", "note": note, "step_seconds": compute,
+               "ratio": None}
         del first_loader, batch
         for place, cache in caches.items():
-            loader, note = train_batches(cache, batch_size, device, image_size)
-            fed, _ = time_epoch(trainer, loader, warmup_steps)
-            yield {**row, "cache": place, "feed": "cached loader", "note": note, "step_seconds": fed,
+            loader = TrainBatches(cache, batch_size, device, image_size, *NORMALISATION)
+            fed, _ = time_epoch(training, loader, warmup_steps)
+            yield {**row, "cache": place, "feed": "cached loader", "note": "", "step_seconds": fed,
                    "ratio": compute / fed}
             del loader
 
@@ -221,13 +204,14 @@ def peak_memory(name: str, device: torch.device, batch_size: int, image_size: in
     torch.cuda.reset_peak_memory_stats(device)
     setup = Setup(amp=True)
     with configured(setup):
-        trainer = make_trainer(name, device, setup, steps)
         images = torch.randn(batch_size, 3, image_size, image_size, device=device)
         masks = (torch.rand(batch_size, 1, image_size, image_size, device=device) > 0.5).float()
-        trainer.epoch(RepeatedBatch((images, masks), steps))
+        batches = RepeatedBatch((images, masks), steps)
+        training = make_training(name, device, setup, batches)
+        training.epoch(batches)
         synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
-    fixed = 4 * sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    fixed = 4 * sum(p.numel() * p.element_size() for p in training.trainer.model.parameters())
     return {"model": name, "batch": batch_size, "peak": peak, "fixed": fixed, "per_image": (peak - fixed) / batch_size}
 
 
@@ -237,7 +221,7 @@ def train_flops_per_image(name: str, image_size: int) -> float:
     stage would be 1x1, where BatchNorm cannot train, and convolutions cost in proportion to pixels."""
     counted = max(image_size, FLOP_COUNT_MIN_SIZE)
     with torch.device("meta"):
-        model = build_model(name, **train.model_kwargs(default_flags(name))).train()
+        model = build_model(name, **run_state.model_kwargs(default_flags(name))).train()
         return count_flops(model, counted, backward=True) * (image_size / counted) ** 2
 
 
