@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,45 @@ def test_autocast_is_not_entered_when_mixed_precision_is_off(monkeypatch: pytest
         pass
     with pytest.raises(RuntimeError):
         utils.autocast(torch.device("mps"), enabled=True)
+
+
+# ----------------------------------------------------------------------------- on a real GPU (benchmarks/gpu_check.py)
+
+
+def synchronizations_in_one_epoch(split: CachedSplit, steps: int) -> list[str]:
+    """The warnings of CUDA's sync debug mode during one train_one_epoch, as train.py trains on a GPU."""
+    model = TinyNet().to(CUDA, memory_format=torch.channels_last)
+    loader = TrainBatches(split, 2, CUDA, 16, IMAGENET_MEAN, IMAGENET_STD)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scheduler = train.make_scheduler(optimizer, 1e-3, 10, len(loader))
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    args = (model, loader, optimizer, scheduler, scaler, utils.BCEDiceLoss(), CUDA, True, "t")
+    train.train_one_epoch(*args)  # warm-up: the allocators' first blocks, cuDNN's choices
+    assert len(loader) == steps
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train.train_one_epoch(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [str(warning.message) for warning in caught if "synchroniz" in str(warning.message).lower()]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cache_on_gpu", [True, False])
+def test_on_a_gpu_the_loop_waits_at_most_once_per_25_steps_from_either_cache_placement(cache_on_gpu: bool) -> None:
+    steps = 100
+    split = synthetic_split(2 * steps, 24)
+    syncs = synchronizations_in_one_epoch(split.to(CUDA) if cache_on_gpu else split, steps)
+    assert len(syncs) <= steps // train.READ_EVERY + 3, syncs
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_a_cache_that_fits_moves_there_whole() -> None:
+    placed = place_cache({"train": synthetic_split(8, 24), "valid": synthetic_split(4, 16)}, CUDA, reserve=0)
+    assert all(split.images.is_cuda and split.masks.is_cuda for split in placed.values())
+    assert utils.select_device("auto").type == "cuda", "this PyTorch build has kernels for this GPU"
