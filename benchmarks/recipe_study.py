@@ -46,9 +46,19 @@ def variant(text: str) -> Variant:
 
 
 def train_once(run_dir: Path, command: list[str]) -> dict:
-    """results.json of the run in run_dir, training it first unless it has finished before."""
+    """results.json of the run in run_dir, training it first unless it has finished before; a run stopped
+    after an epoch (its last.pt is there) is resumed, since train.py never reuses a folder for a new run."""
     results = run_dir / "results.json"
     if not results.exists():
+        if (run_dir / "last.pt").exists():
+            command = [*command, "--resume", str(run_dir)]
+        elif run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # stopped before its first epoch ended: nothing to keep
+        elif run_dir.exists():
+            raise PetsegError(
+                f"{display_path(run_dir)} holds an unfinished run without a last.pt to resume from; move it away "
+                "and run the study again."
+            )
         print(f"$ {shlex.join(command)}", flush=True)
         finished = subprocess.run(command, stdout=subprocess.DEVNULL)
         if finished.returncode != 0:

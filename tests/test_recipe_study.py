@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO_ROOT
 
 STUDY = REPO_ROOT / "benchmarks" / "recipe_study.py"
@@ -53,3 +55,26 @@ def test_a_variant_without_flags_separator_is_a_flag_error(tmp_path: Path) -> No
     result = run_study("--variant", "batch16", "--no-record", cwd=tmp_path)
     assert result.returncode == 2
     assert "NAME=FLAGS" in result.stderr
+
+
+def test_a_run_stopped_after_an_epoch_is_resumed_not_started_again_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(STUDY.parent))
+    import recipe_study
+
+    commands = []
+
+    def fake_train(command, stdout=None):
+        commands.append(command)
+        (Path(command[command.index("--resume") + 1]) / "results.json").write_text('{"test": {"dice": 0.5}}')
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(recipe_study.subprocess, "run", fake_train)
+    stopped = tmp_path / "default-seed0"
+    stopped.mkdir()
+    (stopped / "last.pt").write_bytes(b"")
+    assert recipe_study.train_once(stopped, ["python", "train.py", "--run-name", "default-seed0"]) == {
+        "test": {"dice": 0.5}
+    }
+    assert commands == [["python", "train.py", "--run-name", "default-seed0", "--resume", str(stopped)]]
