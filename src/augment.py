@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from oxford_pet import DEFAULT_AUGMENTATION, Augmentation
-from utils import device_constant
+from utils import device_constant, same_device
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
@@ -103,7 +103,7 @@ def sample_augmentation(
 
 
 def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return tensor if tensor.device == device else tensor.to(device)
+    return tensor if same_device(tensor.device, device) else tensor.to(device)
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from augment import Choices, apply_augmentation, normalize, sample_augmentation
 from cache import CachedSplit
 from oxford_pet import DEFAULT_AUGMENTATION, Augmentation
-from utils import non_blocking
+from utils import non_blocking, same_device
 
 UInt8Batch = tuple[torch.Tensor, torch.Tensor]
 T = TypeVar("T")
@@ -31,9 +31,9 @@ GPU_HEADROOM = 0.1
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` on `device`: as it is when already there, else copied (from page-locked memory, without
     waiting, on CUDA)."""
-    if tensor.device == device:
+    if same_device(tensor.device, device):
         return tensor
-    if non_blocking(device):
+    if tensor.device.type == "cpu" and non_blocking(device):
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=non_blocking(device))
 
@@ -70,8 +70,8 @@ def place_cache(splits: dict[str, CachedSplit], device: torch.device, reserve: i
 
 
 def prefetched(batches: Iterator[T]) -> Iterator[T]:
-    """`batches`, fetched one ahead by a thread of their own: batch k+1 is gathered (and its copy to the GPU
-    queued) while the training loop queues step k."""
+    """`batches`, fetched one ahead by a thread of their own: batch k+1 is gathered on the CPU (and its copy to
+    the GPU queued) while the training loop queues step k."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="petseg-prefetch") as fetcher:
         pending = fetcher.submit(next, batches, None)
         while (batch := pending.result()) is not None:
@@ -86,8 +86,9 @@ class _CachedSource:
     def __init__(self, split: CachedSplit, device: torch.device) -> None:
         self.images, self.masks = split.images, split.masks
         self.device = device
-        # index_select of pinned storage returns pageable memory, whose copy blocks; so the batch
-        # itself is gathered into pinned memory, and only its copy overlaps with compute.
+        # index_select of pinned storage returns pageable memory, whose copy makes the host wait; so the batch
+        # itself is gathered into pinned memory, whose copy is queued without waiting (on the stream the
+        # training kernels use: what overlaps with them is the gather on the CPU, in the prefetch thread).
         self.pin = self.images.device.type == "cpu" and device.type == "cuda"
 
     def gather(self, storage: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -116,11 +116,7 @@ def raw_weights(resume_from: dict) -> dict:
 def restore(resume_from: dict, trainer: Trainer) -> Progress:
     """Put last.pt's training state back into `trainer` (whose model already holds raw_weights)."""
     state = resume_from["training"]
-    # The optimiser's kernel choice is this machine's (fused on CUDA), not the one of the machine that saved it.
-    kernels = {key: trainer.optimizer.param_groups[0].get(key) for key in ("fused", "foreach")}
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    for group in trainer.optimizer.param_groups:
-        group.update(kernels)
+    load_optimizer_state(trainer.optimizer, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     restore_scaler(trainer.scaler, state["scaler"])
     if trainer.ema is not None:
@@ -129,6 +125,15 @@ def restore(resume_from: dict, trainer: Trainer) -> Progress:
     restore_rng_states(state["rng"])
     epoch = resume_from["epoch"]
     return Progress(state["history"], state["best_dice"], state["best_epoch"], finished_epoch=epoch)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """The saved optimiser state, with this machine's kernel choice (AdamW fused on CUDA) rather than the one
+    of the machine that saved it. The choice goes into the saved groups before loading, since torch places
+    the step counters by it (on the GPU for the fused kernel, on the CPU otherwise) as it loads."""
+    kernels = {key: optimizer.param_groups[0][key] for key in ("fused", "foreach") if key in optimizer.param_groups[0]}
+    groups = [{**group, **kernels} for group in saved["param_groups"]]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:

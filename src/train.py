@@ -701,10 +701,12 @@ def explained_stops(run: Run) -> Iterator[None]:
             f"(epoch {progress.best_epoch}) is kept in {display_path(run.run_dir)}."
         ) from error
     except torch.cuda.OutOfMemoryError as error:
+        cache_on_gpu = getattr(run.trainer.loader, "cached", False) and run.trainer.loader.source.images.is_cuda
         raise PetsegError(
             f"the GPU ran out of memory with -b {args.batch_size} at --image-size {args.image_size} ({args.network}). "
-            f"Try a smaller -b (e.g. {max(1, args.batch_size // 2)}) or --image-size, or close other programs "
-            "using the GPU."
+            f"Try a smaller -b (e.g. {max(1, args.batch_size // 2)}) or --image-size"
+            f"{', or --no-cache (the decode-once cache is in the GPU memory)' if cache_on_gpu else ''}, or close "
+            "other programs using the GPU."
         ) from error
 
 

@@ -177,7 +177,7 @@ def select_device(name: str = "auto", purpose: str = "training") -> torch.device
     A CUDA GPU this PyTorch build has no kernels for is refused here, before its first kernel would fail."""
     if name == "auto":
         if torch.cuda.is_available():
-            return check_cuda_build(torch.device("cuda"))
+            return check_cuda_build(torch.device("cuda", torch.cuda.current_device()))
         if torch.backends.mps.is_available():
             return torch.device("mps")
         if purpose == "training":
@@ -190,7 +190,7 @@ def select_device(name: str = "auto", purpose: str = "training") -> torch.device
         raise PetsegError("--device cuda was asked for, but torch sees no CUDA device. Use --device auto or cpu.")
     if name == "mps" and not torch.backends.mps.is_available():
         raise PetsegError("--device mps was asked for, but this torch has no MPS device. Use --device auto or cpu.")
-    return check_cuda_build(torch.device(name)) if name == "cuda" else torch.device(name)
+    return check_cuda_build(torch.device("cuda", torch.cuda.current_device())) if name == "cuda" else torch.device(name)
 
 
 # PyTorch's CUDA 12.6 build has kernels for compute capability 5.0 to 9.0; 2.14 is the last release to ship it.
@@ -222,10 +222,11 @@ def check_cuda_build(device: torch.device) -> torch.device:
     compute capability and the install that has them (or the CPU)."""
     capability = torch.cuda.get_device_capability(device)
     arch_list = torch.cuda.get_arch_list()
-    if not arch_list or build_runs_on(capability, arch_list):
+    numbers = [number for number in map(_arch_number, arch_list) if number is not None]
+    # No NVIDIA architectures listed (a ROCm build names AMD's gfx... ones): nothing to check here.
+    if not numbers or build_runs_on(capability, arch_list):
         return device
     gpu = f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]})"
-    numbers = [number for number in map(_arch_number, arch_list) if number is not None]
     built = f"torch {torch.__version__} has kernels for compute capability {min(numbers)[0]}.{min(numbers)[1]} to " \
         f"{max(numbers)[0]}.{max(numbers)[1]}"
     if (5, 0) <= capability < min(numbers):
@@ -278,6 +279,14 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=autocast_dtype(device))
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: torch.device("cuda") means the current GPU, which tensors call cuda:0."""
+    if a.type != b.type:
+        return False
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def non_blocking(device: torch.device) -> bool:

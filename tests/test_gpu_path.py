@@ -32,6 +32,7 @@ CUDA13_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 
 def fake_gpu(monkeypatch: pytest.MonkeyPatch, name: str, capability: tuple[int, int], archs: list[str]) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: archs)
@@ -69,10 +70,34 @@ def test_which_builds_run_on_which_gpus(capability: tuple[int, int], archs: list
 
 def test_a_gpu_the_wheel_supports_is_used_and_a_newer_one_is_told_to_upgrade(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_gpu(monkeypatch, "NVIDIA H200", (9, 0), CUDA13_ARCHS)
-    assert utils.select_device("auto") == CUDA
+    assert utils.select_device("auto") == torch.device("cuda", 0), "an indexed device, as tensors on it name it"
     fake_gpu(monkeypatch, "NVIDIA B200", (10, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"])
     with pytest.raises(utils.PetsegError, match="pip install --upgrade torch torchvision"):
         utils.select_device("auto")
+
+
+def test_a_rocm_build_is_not_checked_against_nvidia_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpu(monkeypatch, "AMD Instinct MI300X", (9, 4), ["gfx90a", "gfx942", "gfx1100"])
+    assert utils.select_device("auto") == torch.device("cuda", 0)
+
+
+def test_devices_are_one_whatever_their_index_spelling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert utils.same_device(torch.device("cuda", 0), CUDA) and utils.same_device(CUDA, torch.device("cuda:0"))
+    assert not utils.same_device(torch.device("cuda", 1), CUDA) and not utils.same_device(CPU, CUDA)
+    assert utils.same_device(torch.device("mps", 0), torch.device("mps"))
+
+
+def test_a_resumed_optimiser_takes_this_machines_kernel_and_puts_its_steps_beside_the_weights() -> None:
+    saved_model = nn.Linear(4, 2)
+    saved = torch.optim.AdamW(saved_model.parameters(), lr=1e-3)  # a CPU run's: step counters on the CPU
+    saved_model(torch.randn(3, 4)).sum().backward()
+    saved.step()
+    gpu_model = nn.Linear(4, 2, device="meta")  # stands in for a GPU: another device than the CPU
+    optimizer = torch.optim.AdamW(gpu_model.parameters(), lr=1e-3, fused=True)  # as train.py makes it on CUDA
+    train.run_state.load_optimizer_state(optimizer, saved.state_dict())
+    assert optimizer.param_groups[0]["fused"] is True
+    assert optimizer.state[gpu_model.weight]["step"].device.type == "meta", "the fused kernel takes them there"
 
 
 @pytest.mark.parametrize("capability, bf16, default_amp, expected", [
@@ -184,6 +209,7 @@ def test_the_next_batch_is_fetched_while_the_current_one_is_in_use() -> None:
 
 def test_training_turns_cudnn_benchmark_on_for_cuda_and_off_for_repeatable_runs() -> None:
     saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    saved_workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     try:
         utils.configure_backends(CUDA, deterministic=False)
         assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
@@ -196,6 +222,8 @@ def test_training_turns_cudnn_benchmark_on_for_cuda_and_off_for_repeatable_runs(
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+        if saved_workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def test_deterministic_is_a_flag_that_a_resumed_run_may_change() -> None:

@@ -6,7 +6,11 @@ nothing waits, so this counts the calls that would: reading a value on the host 
 float(), int(), bool(), formatting, .numpy(), .cpu()) and explicit transfers (.to() or .cuda() with a
 device, torch.tensor / torch.as_tensor with a device). Only calls made from files under `roots`
 (the project's src/) count: torch's own (the optimiser's step counters live on the CPU) do not. A
-CPU test can so hold the training loop to a budget of syncs and transfers per step.
+CPU test can so hold the training loop to a budget of syncs and transfers per step, for the calls it
+sees: it does not see indexing with a boolean mask, nonzero, masked_select or unique (whose result's
+size the host must wait for), nor calls made in another thread (torch function modes are per
+thread), nor waits inside torch (nn.SyncBatchNorm's, say). On a GPU,
+torch.cuda.set_sync_debug_mode("warn") sees all of them (benchmarks/gpu_check.py).
 
     with HostSyncCounter([SRC]) as counter:
         train_one_epoch(...)
