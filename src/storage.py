@@ -26,7 +26,7 @@ OTHER_FILES_BYTES = 4 * 2**20
 def nearest_existing(path: Path) -> Path:
     """`path` itself if it exists, else the closest folder above it that does (where it would be made)."""
     path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
+    while not os.path.exists(path) and path != path.parent:  # os.path.exists: False, not an error, when unsearchable
         path = path.parent
     return path
 

@@ -38,8 +38,8 @@ def run_script(main: Callable[[], object]) -> None:
         sys.exit(1)
     except (OSError, RuntimeError) as error:
         os_error = os_error_behind(error)
-        if os_error is None:
-            raise
+        if os_error is None or os_error.errno not in _OS_ERROR_CODES:
+            raise  # not one of the machine's faults we can explain: maybe our bug, so its traceback stays
         print(f"error: {describe_os_error(os_error)}", file=sys.stderr)
         sys.exit(1)
 
@@ -369,6 +369,16 @@ def sigint_deferred() -> Iterator[None]:
 # ----------------------------------------------------------------------------- files
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# Read once, at import: setting it to read it is process-wide, and would race with threads writing files.
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator:
     """Write to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file whole."""
@@ -378,21 +388,23 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator:
     except OSError as error:
         error.filename = str(path)  # the file the user knows of, not the temporary one beside it
         raise
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the permissions open() would
     try:
+        # mkstemp makes files private; give them the permissions open() would, where the file system has any.
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # already closed unless fdopen itself failed
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         os_error = os_error_behind(error)
-        if os_error is not None and os_error.filename is None:  # a failed write names no file: say which
-            os_error.filename = str(path)
+        if os_error is not None and os_error.filename is None and os_error.errno is not None:
+            os_error.filename = str(path)  # a failed write names no file: say which
         raise
 
 
@@ -409,7 +421,7 @@ def unused_path(path: Path) -> Path:
 def display_path(path: Path) -> str:
     """`path` as a user would type it: relative to the working directory when that is shorter, else absolute."""
     path = Path(path)
-    absolute = path.resolve() if path.exists() else path.absolute()
+    absolute = path.resolve() if os.path.exists(path) else path.absolute()  # os.path.exists never raises
     try:
         relative = os.path.relpath(absolute)
     except ValueError:  # Windows: another drive has no relative path

@@ -597,3 +597,45 @@ def test_a_gpu_out_of_memory_while_predicting_says_which_batch_size_to_try(
     main = evaluate.main if where == "evaluate.py" else inference.main
     with pytest.raises(PetsegError, match=r"ran out of memory predicting with -b 8\. Try a smaller -b \(e\.g\. -b 4\)"):
         main(flags)
+
+
+# ----------------------------------------------------------------------------- the error path's own faults
+
+
+def test_a_path_under_a_folder_that_cannot_be_searched_is_shown_not_a_second_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unsearchable(self: Path, *args, **kwargs) -> bool:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))  # as Path.exists does, Python < 3.14
+
+    monkeypatch.setattr(Path, "exists", unsearchable)
+    assert utils.display_path(Path("/root/private/runs")).endswith("runs")
+    message = utils.describe_os_error(PermissionError(errno.EACCES, "Permission denied", "/root/private/runs"))
+    assert "runs: permission denied" in message
+
+
+def test_a_write_failing_without_an_errno_keeps_its_message(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="cannot write mode RGBA as JPEG"):
+        with utils.atomic_write(tmp_path / "out.jpg"):
+            raise OSError("cannot write mode RGBA as JPEG")  # how Pillow's encoders fail
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_system_without_permissions_still_gets_the_file_and_no_temporary_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_permissions(*args, **kwargs) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")  # vfat, exFAT, some network drives
+
+    monkeypatch.setattr(os, "chmod", no_permissions)
+    with utils.atomic_write(tmp_path / "best.pt") as file:
+        file.write(b"weights")
+    assert [path.name for path in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_an_os_error_we_cannot_explain_keeps_its_traceback() -> None:
+    def unexplained() -> None:
+        raise OSError(errno.ENOTSUP, "Operation not supported", "/data/x")
+
+    with pytest.raises(OSError, match="not supported"):
+        utils.run_script(unexplained)
