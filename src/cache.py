@@ -208,6 +208,17 @@ def _damage(index: object, arrays: dict[str, np.ndarray], shapes: dict[str, tupl
     return ""
 
 
+def _read_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A cache file's array, its header checked against the expected shape before any data is read (a damaged
+    header could otherwise have numpy allocate terabytes)."""
+    mapped = np.load(path, mmap_mode="r")
+    if mapped.shape != shape or mapped.dtype != np.uint8:
+        raise ValueError(f"{path.name} holds {mapped.dtype} {mapped.shape}, not uint8 {shape}")
+    array = np.array(mapped)
+    del mapped  # Windows keeps a mapped file open, so that another run could not replace it
+    return array
+
+
 def _load(
     files: dict[str, Path], names_file: Path, shapes: dict[str, tuple[int, ...]], names: list[str]
 ) -> CachedSplit | None:
@@ -215,11 +226,12 @@ def _load(
     as stale by a run of another fingerprint while this one was about to read it, or damaged (said in a note)."""
     try:
         index = json.loads(names_file.read_text())  # written last: once it is there, the arrays are complete
-        arrays = {kind: np.load(files[kind]) for kind in ("images", "masks")}
+        arrays = {kind: _read_array(files[kind], shapes[kind]) for kind in ("images", "masks")}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, EOFError) as error:  # cut short, overwritten, unreadable: numpy and json say so
-        problem = f"it cannot be read: {error}"
+    # Cut short, overwritten, a garbled header: numpy's and json's parsers fail in many ways, each meaning damage.
+    except Exception as error:  # noqa: BLE001
+        problem = f"it cannot be read: {type(error).__name__}: {error}"
     else:
         problem = _damage(index, arrays, shapes, names)
         if not problem:
@@ -229,14 +241,19 @@ def _load(
     return None
 
 
-def _save(files: dict[str, Path], names_file: Path, arrays: dict[str, np.ndarray], names: list[str]) -> None:
+def _save(
+    files: dict[str, Path], names_file: Path, arrays: dict[str, np.ndarray], names: list[str], saved: list[Path]
+) -> None:
+    """Save the arrays, then the names file; `saved` collects each file once this call has put it in place."""
     files["images"].parent.mkdir(parents=True, exist_ok=True)
     for kind, array in arrays.items():
         with atomic_write(files[kind]) as file:
             np.save(file, array)
+        saved.append(files[kind])
     # The names file goes last: the cache counts as complete only once it is there.
     with atomic_write(names_file, "w") as file:
         json.dump({"names": names, "crc32": {kind: _crc32(array) for kind, array in arrays.items()}}, file)
+    saved.append(names_file)
 
 
 def load_or_build(
@@ -266,10 +283,11 @@ def load_or_build(
         arrays["images"][start : start + len(image_batch)] = image_batch.numpy()
         arrays["masks"][start : start + len(mask_batch)] = mask_batch.numpy()
         start += len(image_batch)
+    saved: list[Path] = []
     try:
-        _save(files, names_file, arrays, dataset.names)
+        _save(files, names_file, arrays, dataset.names, saved)
     except OSError as error:
-        for path in (*files.values(), names_file):  # what was saved before the failure is no use alone
+        for path in saved:  # what this call saved before the failure is no use alone; another run's files stay
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
         print(

@@ -347,10 +347,22 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def garbled_header(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b")", b" ", 1))  # the header's shape tuple left open: numpy's parser fails
+
+
+def huge_header_shape(path: Path) -> None:
+    data = path.read_bytes()
+    start, end = data.index(b"{"), data.index(b"\n")
+    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (99999999999, 1, 32, 32), }"
+    path.write_bytes(data[:start] + header.ljust(end - start) + data[end:])  # numpy would ask for 100 TiB
+
+
 @pytest.mark.parametrize(
     ("damaged", "damage"),
     [("images", cut_short), ("masks", other_shape), ("images", flip_a_byte), ("masks", flip_a_byte),
-     ("names", cut_short)],
+     ("names", cut_short), ("images", garbled_header), ("masks", huge_header_shape)],
 )
 def test_a_damaged_cache_file_is_rebuilt_with_a_note(
     damaged: str, damage, synthetic_pets: Path, tmp_path: Path, capsys: pytest.CaptureFixture
@@ -639,3 +651,23 @@ def test_an_os_error_we_cannot_explain_keeps_its_traceback() -> None:
 
     with pytest.raises(OSError, match="not supported"):
         utils.run_script(unexplained)
+
+
+def test_a_failed_save_leaves_the_complete_cache_another_run_saved(
+    synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    dataset = load_dataset(synthetic_pets, "valid", image_size=32)
+    cache.load_or_build(dataset, 32, tmp_path)  # another run, finished first
+    files = sorted(tmp_path.iterdir())
+
+    def disk_full(*args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cache, "_load", lambda *args: None)  # this run looked before the other had finished
+        patch.setattr(cache.np, "save", disk_full)
+        cache.load_or_build(dataset, 32, tmp_path)
+    assert "cannot be saved" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == files
+    cache.load_or_build(dataset, 32, tmp_path)
+    assert "caching" not in capsys.readouterr().err, "the other run's cache is still whole and used"
