@@ -36,12 +36,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools")]
 
 from cli import argument_parser  # noqa: E402
-from deadline import run_until  # noqa: E402
+from deadline import GRACE_SECONDS, run_until  # noqa: E402
 from utils import PetsegError, atomic_write, display_path, run_script, unused_path  # noqa: E402
 
 GPU_STAGES = REPO_ROOT / "benchmarks" / "gpu_stages.py"
 REPORT_NAME = "gpu_check.md"
-FINAL_MARGIN = 5.0  # seconds kept at the end of the budget for the last report
+FINAL_MARGIN = GRACE_SECONDS + 5.0  # at the budget's end: a stopped stage's grace, then the last report
 LOG_LIMIT = 15 * 2**20  # bytes a stage's log keeps (its start and its end)
 
 

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 import recipe_study  # noqa: E402
 from cli import argument_parser  # noqa: E402
-from deadline import run_until  # noqa: E402
+from deadline import GRACE_SECONDS, run_until  # noqa: E402
 from make_synthetic_pets import make_synthetic_pets  # noqa: E402
 from utils import atomic_write, display_path, run_script  # noqa: E402
 
@@ -233,7 +233,8 @@ def syncs(ctx: Context) -> None:
         train.train_one_epoch = counter.wrap(train.train_one_epoch)
         train.main([
             "--data_path", str(data), "-e", str(epochs), "-b", "4", "--image-size", str(size), "--num-workers", "0",
-            "--save-dir", str(Path(scratch) / "runs"), "--run-name", "syncs", *ctx.device_flags,
+            "--save-dir", str(Path(scratch) / "runs"), "--run-name", "syncs",
+            "--cache-dir", str(Path(scratch) / "cache"), *ctx.device_flags,
         ])
     how = "torch.cuda.set_sync_debug_mode('warn')" if ctx.cuda else "tools/host_syncs.py (src/'s calls that would sync)"
     within = counter.syncs <= counter.budget()
@@ -299,7 +300,8 @@ def torchrun(ctx: Context) -> None:
         data = make_synthetic_pets(Path(scratch) / "pets", n_trainval=12, n_test=4)
         run_dir = Path(scratch) / "runs" / "torchrun"
         flags = ["--data_path", str(data), "-e", "2", "-b", str(batch), "--image-size", str(size), "--num-workers", "0",
-                 "--save-dir", str(run_dir.parent), "--run-name", run_dir.name, *ctx.device_flags]
+                 "--save-dir", str(run_dir.parent), "--run-name", run_dir.name,
+                 "--cache-dir", str(Path(scratch) / "cache"), *ctx.device_flags]
         first, first_text, first_seconds = run_logged(ctx, [*TORCHRUN, __file__, "interrupted-train", *flags])
         backend = re.search(r"process group backend: (\w+)", first_text)
         saved = (run_dir / "last.pt").exists() and "--nproc_per_node=1" in first_text and "--resume" in first_text
@@ -413,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "study" and (args.sample is None or args.runs_dir is None):
         parser.error("the study stage needs --sample (the real sample's folder) and --runs-dir.")
     # Time to report before gpu_check stops the stage: a child's Ctrl-C grace period, and writing.
-    margin = min(30.0, 0.2 * args.seconds)
+    margin = min(GRACE_SECONDS + 5.0, 0.5 * args.seconds)
     ctx = Context(
         args.section, args.log, time.monotonic() + args.seconds - margin, args.smoke, args.sample, args.runs_dir
     )

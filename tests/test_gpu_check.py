@@ -6,6 +6,7 @@ throughput.py times with."""
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import textwrap
 import time
@@ -189,3 +190,43 @@ def test_on_cuda_every_sync_warning_inside_an_epoch_counts_at_the_line_that_made
     assert counter.sites == {f"test_gpu_check.py:{line}": 5}
     assert modes == ["warn", "default"] * 2, "the debug mode is on only inside the epochs"
     assert counter.budget() == pytest.approx(5 / gpu_stages.STEPS_PER_SYNC + 2 * gpu_stages.SYNCS_PER_EPOCH)
+
+
+def process_stats() -> dict[int, list[str]]:
+    """Every process's /proc/PID/stat fields after its name: state, parent, ..."""
+    stats = {}
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stats[int(path.parent.name)] = path.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+    return stats
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie waiting to be reaped does not)."""
+    fields = process_stats().get(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG, which ties a stage to gpu_check, is Linux's")
+def test_a_stage_does_not_outlive_gpu_check_killed_outright(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO_ROOT / "tools")!r})
+        from deadline import run_until
+        run_until(["sleep", "60"], time.monotonic() + 60, Path({str(tmp_path / "log")!r}), own_group=True)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline_at = time.monotonic() + 20
+    children = []
+    while not children and time.monotonic() < deadline_at:
+        time.sleep(0.1)
+        children = [pid for pid, fields in process_stats().items() if fields[1] == str(parent.pid)]
+    assert children, "the stage started"
+    parent.kill()  # SIGKILL: gpu_check gets no chance to stop its stage
+    parent.wait()
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline_at:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in children), "the stage went with gpu_check"

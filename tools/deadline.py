@@ -3,9 +3,11 @@ its last finished epoch and says how to resume; whatever has not stopped after a
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,12 @@ def _signal(process: subprocess.Popen, signum: int, whole_group: bool) -> None:
             process.send_signal(signum)
     except ProcessLookupError:  # it has gone already
         pass
+
+
+def _die_with_parent() -> None:
+    """In the child, before it runs the command: Linux kills it when its parent dies, however that dies (a
+    SIGKILL too), so that no stage goes on holding the GPU after gpu_check is gone."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 is PR_SET_PDEATHSIG
 
 
 def stop(process: subprocess.Popen, whole_group: bool, grace: float = GRACE_SECONDS) -> None:
@@ -54,7 +62,8 @@ def run_until(
     quickly before passing the interruption on: no child outlives the caller."""
     with open(output, "ab") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=own_group
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=own_group,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         try:
             while True:
