@@ -218,14 +218,19 @@ def open_image(path: Path) -> Image.Image:
     try:
         return Image.open(path)
     except Image.DecompressionBombError as error:
-        found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(error))
-        pixels, limit = (int(number) for number in found.groups()) if found else (300_000_000, None)
-        why = f"it has {pixels:,} pixels, more than the {limit:,} Pillow opens" if found else str(error)
-        raise DatasetError(
-            f"{path}: the image is too big to open safely ({why}: a guard against decompression bombs). If you "
-            f"trust the file, lift the limit: set the environment variable {PIXEL_LIMIT_VARIABLE}={pixels} (a "
-            "number of pixels; 0 for no limit) and run again."
-        ) from error
+        raise too_big(path, error) from error
+
+
+def too_big(path: Path, error: Image.DecompressionBombError) -> DatasetError:
+    """The error for an image over Pillow's guard against decompression bombs (at open, or at decoding a frame)."""
+    found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(error))
+    pixels, limit = (int(number) for number in found.groups()) if found else (300_000_000, None)
+    why = f"it has {pixels:,} pixels, more than the {limit:,} Pillow opens" if found else str(error)
+    return DatasetError(
+        f"{path}: the image is too big to open safely ({why}: a guard against decompression bombs). If you "
+        f"trust the file, lift the limit: set the environment variable {PIXEL_LIMIT_VARIABLE}={pixels} (a "
+        "number of pixels; 0 for no limit) and run again."
+    )
 
 
 def read_image(path: Path, exif_orientation: bool = False) -> torch.Tensor:
@@ -246,6 +251,8 @@ def read_image(path: Path, exif_orientation: bool = False) -> torch.Tensor:
             return v2.functional.pil_to_tensor(image if image.mode == "RGB" else image.convert("RGB"))
     except FileNotFoundError as error:
         raise DatasetError(f"{path}: image file is missing.") from error
+    except Image.DecompressionBombError as error:  # a frame decoded past the limit (GIF, TIFF)
+        raise too_big(path, error) from error
     except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for corrupt or truncated files
         raise DatasetError(
             f"{path}: cannot decode the image ({error}); the file is corrupt, truncated or not an image."

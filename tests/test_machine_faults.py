@@ -671,3 +671,17 @@ def test_a_failed_save_leaves_the_complete_cache_another_run_saved(
     assert sorted(tmp_path.iterdir()) == files
     cache.load_or_build(dataset, 32, tmp_path)
     assert "caching" not in capsys.readouterr().err, "the other run's cache is still whole and used"
+
+
+def test_an_image_over_the_limit_found_while_decoding_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photo = tmp_path / "frames.png"
+    Image.new("L", (8, 8)).save(photo)  # gray: decoding converts it
+
+    def bomb_at_decoding(self, *args, **kwargs):
+        raise Image.DecompressionBombError("Image size (400000000 pixels) exceeds limit of 178956970 pixels, ...")
+
+    monkeypatch.setattr(Image.Image, "convert", bomb_at_decoding)  # as a GIF's or TIFF's later frame can
+    with pytest.raises(DatasetError, match="frames.png: the image is too big to open safely"):
+        read_image(photo)
