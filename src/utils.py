@@ -57,10 +57,23 @@ def os_error_behind(error: BaseException) -> OSError | None:
     """The operating-system error an exception is, or that torch.save turned into its own RuntimeError
     ("enforce fail at inline_container.cc ... unexpected pos"): else None."""
     if isinstance(error, OSError):
-        return error
+        return error if error.errno is not None else _from_worker(error)
     if isinstance(error, RuntimeError) and "inline_container" in str(error) and isinstance(error.__context__, OSError):
         return error.__context__
     return None
+
+
+# How an OSError's last line reads, e.g. "OSError: [Errno 28] No space left on device: '/data/x.npy'".
+_OS_ERROR_LINE = re.compile(r"\[Errno (\d+)\] ([^:\n]+)(?:: '([^'\n]*)')?\s*$")
+
+
+def _from_worker(error: OSError) -> OSError | None:
+    """A DataLoader worker's OSError, which torch re-raises in the main process by its type and its text alone:
+    its errno and path read back from that text; None for an OSError that never had an errno."""
+    found = _OS_ERROR_LINE.search(str(error))
+    if "Original Traceback" not in str(error) or found is None:
+        return None
+    return OSError(int(found[1]), found[2], found[3]) if found[3] is not None else OSError(int(found[1]), found[2])
 
 
 # errno: (what happened, in plain words; what to do). Windows lacks some codes, so they are looked up by name.

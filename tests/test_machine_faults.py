@@ -685,3 +685,22 @@ def test_an_image_over_the_limit_found_while_decoding_names_the_file(
     monkeypatch.setattr(Image.Image, "convert", bomb_at_decoding)  # as a GIF's or TIFF's later frame can
     with pytest.raises(DatasetError, match="frames.png: the image is too big to open safely"):
         read_image(photo)
+
+
+class FullDiskPairs(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/cache/pairs.npy")
+
+
+def test_an_os_error_in_a_loader_worker_is_explained_with_its_path(capsys: pytest.CaptureFixture) -> None:
+    def load_in_a_worker() -> None:
+        next(iter(torch.utils.data.DataLoader(FullDiskPairs(), num_workers=1)))
+
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_script(load_in_a_worker)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "pairs.npy: the disk is full" in err and "Traceback" not in err
