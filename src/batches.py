@@ -141,8 +141,10 @@ class _DecodedSource:
 
     def batches(self, batch_indexes: Sequence[torch.Tensor]) -> Iterator[UInt8Batch]:
         self.order.batch_indexes = batch_indexes
-        for images, masks in self.loader:
-            yield to_device(images, self.device), to_device(masks, self.device)
+        # The loader's iterator is made here, in the caller's thread, which forks its workers (or restarts
+        # them) there: the prefetch thread only asks for the next batch.
+        loaded = iter(self.loader)
+        return ((to_device(images, self.device), to_device(masks, self.device)) for images, masks in loaded)
 
 
 class TrainBatches:
