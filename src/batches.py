@@ -188,6 +188,11 @@ class TrainBatches:
     def __len__(self) -> int:
         return self.n_images // self.batch_size  # a last batch of one image would make BatchNorm useless
 
+    @property
+    def cache_device(self) -> torch.device:
+        """Where the batches are cut from: the cache's device, or the CPU when images are decoded per epoch."""
+        return self.source.images.device if self.cached else torch.device("cpu")
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(self.n_images, generator=self.generator)
         batch_indexes = order[: len(self) * self.batch_size].split(self.batch_size)

@@ -25,9 +25,6 @@ class MovingAverage(nn.Module):
         self.updates = 0
         self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.module(*args)
-
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         averaged = list(chain(self.module.parameters(), self.module.buffers()))

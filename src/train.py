@@ -367,9 +367,9 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
     model = build_model(args.network, **run_state.model_kwargs(args)).to(device)
     per_process = args.batch_size // processes.world_size
     # What training needs on the GPU, which a GPU-resident cache must leave free (the average doubles the weights).
-    reserve = training_bytes(args.network, args.image_size, per_process, amp, count_parameters(model)) + (
-        4 * count_parameters(model) if args.ema else 0
-    )
+    parameters = count_parameters(model)
+    reserve = training_bytes(args.network, args.image_size, per_process, amp, parameters)
+    reserve += 4 * parameters if args.ema else 0
     train_loader, valid_loader, n_valid = make_loaders(args, data_path, device, processes, reserve)
     if len(train_loader) == 0:
         raise PetsegError(
@@ -701,7 +701,7 @@ def explained_stops(run: Run) -> Iterator[None]:
             f"(epoch {progress.best_epoch}) is kept in {display_path(run.run_dir)}."
         ) from error
     except torch.cuda.OutOfMemoryError as error:
-        cache_on_gpu = getattr(run.trainer.loader, "cached", False) and run.trainer.loader.source.images.is_cuda
+        cache_on_gpu = run.trainer.loader.cache_device.type == "cuda"
         raise PetsegError(
             f"the GPU ran out of memory with -b {args.batch_size} at --image-size {args.image_size} ({args.network}). "
             f"Try a smaller -b (e.g. {max(1, args.batch_size // 2)}) or --image-size"
