@@ -37,7 +37,8 @@ sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools")]
 
 from cli import argument_parser  # noqa: E402
 from deadline import GRACE_SECONDS, run_until  # noqa: E402
-from utils import PetsegError, atomic_write, display_path, run_script, unused_path  # noqa: E402
+from errors import PetsegError, display_path, run_script  # noqa: E402
+from files import atomic_write, unused_path  # noqa: E402
 
 GPU_STAGES = REPO_ROOT / "benchmarks" / "gpu_stages.py"
 REPORT_NAME = "gpu_check.md"

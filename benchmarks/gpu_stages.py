@@ -37,8 +37,9 @@ import torch  # noqa: E402
 import recipe_study  # noqa: E402
 from cli import argument_parser  # noqa: E402
 from deadline import GRACE_SECONDS, run_until  # noqa: E402
+from errors import display_path, run_script  # noqa: E402
+from files import atomic_write  # noqa: E402
 from make_synthetic_pets import make_synthetic_pets  # noqa: E402
-from utils import atomic_write, display_path, run_script  # noqa: E402
 
 TRAIN = SRC / "train.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]

@@ -18,8 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools")]
 
 import batches  # noqa: E402
+import devices  # noqa: E402
+import losses  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
 from cache import CachedSplit  # noqa: E402
 from cli import argument_parser  # noqa: E402
 from host_syncs import HostSyncCounter  # noqa: E402
@@ -48,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = train.make_scheduler(optimizer, 1e-3, 10, len(loader))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batches.prefetched = iter  # fetch in this thread, where the counter sees it
-    utils.device_constant.cache_clear()  # the constants made once per device count too
+    devices.device_constant.cache_clear()  # the constants made once per device count too
     with HostSyncCounter([REPO_ROOT / "src"]) as counter:
-        train.train_one_epoch(model, loader, optimizer, scheduler, scaler, utils.BCEDiceLoss(), CPU, False, "epoch")
+        train.train_one_epoch(model, loader, optimizer, scheduler, scaler, losses.bce_dice, CPU, False, "epoch")
     steps = len(loader)
     print(f"{args.network}, {steps} steps: {counter.syncs} host reads ({counter.syncs / steps:.2f} per step), "
           f"{counter.transfers} copies to the device ({counter.transfers / steps:.2f} per step)")

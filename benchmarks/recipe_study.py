@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT / "src")]
 
 from cli import argument_parser  # noqa: E402
-from utils import PetsegError, display_path, run_script  # noqa: E402
+from errors import PetsegError, display_path, run_script  # noqa: E402
 
 TRAIN = REPO_ROOT / "src" / "train.py"
 

@@ -40,6 +40,9 @@ import train_speed  # noqa: E402
 from batches import EvalBatches, TrainBatches  # noqa: E402
 from cache import CachedSplit, load_or_build  # noqa: E402
 from cli import argument_parser  # noqa: E402
+from devices import autocast, default_amp, select_device  # noqa: E402
+from errors import run_script  # noqa: E402
+from files import atomic_write  # noqa: E402
 from make_synthetic_pets import REAL_IMAGE_SIZE, make_synthetic_pets  # noqa: E402
 from models import MODEL_NAMES  # noqa: E402
 from oxford_pet import (  # noqa: E402
@@ -52,7 +55,6 @@ from oxford_pet import (  # noqa: E402
     trimap_path,
 )
 from train_speed import FED_TARGET, Setup, synchronize  # noqa: E402
-from utils import atomic_write, autocast, default_amp, run_script, select_device  # noqa: E402
 
 TRAINING_COLUMNS = [
     "model", "precision", "compile", "cudnn.benchmark", "cache", "fed by", "img/s", "ms/step", "fed / compute-only",

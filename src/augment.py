@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from devices import device_constant, same_device
 from oxford_pet import DEFAULT_AUGMENTATION, Augmentation
-from utils import device_constant, same_device
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 

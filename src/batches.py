@@ -19,8 +19,8 @@ from torchvision.transforms import v2
 
 from augment import Choices, apply_augmentation, normalize, sample_augmentation
 from cache import CachedSplit
+from devices import non_blocking, same_device
 from oxford_pet import DEFAULT_AUGMENTATION, Augmentation
-from utils import non_blocking, same_device
 
 UInt8Batch = tuple[torch.Tensor, torch.Tensor]
 T = TypeVar("T")

@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from errors import describe_os_error, display_path
+from files import REPO_ROOT, atomic_write
 from oxford_pet import OxfordPetSegmentation, image_path, trimap_path
-from utils import REPO_ROOT, atomic_write, describe_os_error, display_path
 
 CACHE_FORMAT = 2  # 2: the names file also holds each array's CRC-32
 DEFAULT_CACHE_DIR = Path(os.environ.get("PETSEG_CACHE_DIR", REPO_ROOT / "dataset" / "cache"))

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from errors import PetsegError
+from files import atomic_write
 from models import MODEL_NAMES, build_model
-from utils import PetsegError, atomic_write
 
 FORMAT = "petseg-checkpoint"
 FORMAT_VERSION = 1

@@ -19,10 +19,11 @@ import torch
 
 import checkpoint as ckpt
 from cli import argument_parser
+from errors import PetsegError, display_path, run_script
+from files import unused_path
 from models import build_model
 from models.stats import count_flops, count_parameters
 from plots import plot_learning_curves
-from utils import PetsegError, display_path, run_script, unused_path
 
 NEEDED_FILES = ("history.csv", "results.json")
 

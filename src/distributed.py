@@ -20,7 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from utils import PetsegError, select_device
+from devices import select_device
+
+# Long enough for one process to download the dataset (800 MB) or build the decode-once cache while
+from errors import PetsegError
 
 # Long enough for one process to download the dataset (800 MB) or build the decode-once cache while
 # the others wait; a process left alone by a crashed peer still gives up rather than hanging for good.

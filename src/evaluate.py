@@ -22,18 +22,10 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import distributed
 from cli import argument_parser
+from devices import autocast, default_amp, non_blocking, select_device
+from errors import PetsegError, display_path, run_script
 from oxford_pet import DEFAULT_DATA_PATH, SPLITS, OxfordPetSegmentation, build_transform, prepare_dataset
-from utils import (
-    PetsegError,
-    autocast,
-    default_amp,
-    display_path,
-    logits_to_mask,
-    non_blocking,
-    per_image_dice,
-    run_script,
-    select_device,
-)
+from utils import logits_to_mask, per_image_dice
 
 
 @dataclass

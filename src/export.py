@@ -26,7 +26,8 @@ from torch import nn
 
 from checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint_path
 from cli import argument_parser
-from utils import PetsegError, atomic_write, display_path, run_script
+from errors import PetsegError, display_path, run_script
+from files import atomic_write
 
 EXPORT_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 REQUIREMENTS_FILE = "requirements-export.txt"

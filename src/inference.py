@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from cli import argument_parser
+from errors import PetsegError, display_path, run_script
 from evaluate import (
     EvalResult,
     add_eval_args,
@@ -41,9 +42,10 @@ from evaluate import (
     predict_logits,
     resize_logits,
 )
+from files import atomic_write, unused_path
 from oxford_pet import OxfordPetSegmentation, build_transform, open_image, prepare_dataset, read_image
 from plots import Case, plot_cases, prediction_overlay
-from utils import PetsegError, atomic_write, display_path, logits_to_mask, run_script, unused_path
+from utils import logits_to_mask
 
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.png"
 

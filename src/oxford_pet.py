@@ -17,7 +17,8 @@ from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from utils import REPO_ROOT, PetsegError, display_path
+from errors import PetsegError, display_path
+from files import REPO_ROOT
 
 DEFAULT_DATA_PATH = REPO_ROOT / "dataset" / "oxford-iiit-pet"
 SPLITS = ("train", "valid", "test")

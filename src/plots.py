@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import ImageColor  # noqa: E402
 from torchvision.utils import draw_segmentation_masks  # noqa: E402
 
-from utils import atomic_write  # noqa: E402
+from files import atomic_write
 
 # Cyan is no fur colour, so the tint shows on orange, brown, cream, white and black pets alike; the
 # outline is two lines, dark outside and bright inside, so one of them stands out on any fur.

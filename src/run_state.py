@@ -17,10 +17,13 @@ from torch import nn
 import checkpoint as ckpt
 import distributed
 from batches import TrainBatches
+from devices import restore_rng_states, rng_states
 from ema import MovingAverage
+
+# Flags that describe the machine rather than the experiment: --resume may change them.
+from errors import PetsegError, display_path
 from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
-from utils import PetsegError, display_path, restore_rng_states, rng_states
 
 # Flags that describe the machine rather than the experiment: --resume may change them.
 RESUMABLE_FLAGS = (

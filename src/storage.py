@@ -16,8 +16,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import checkpoint as ckpt
+from errors import PetsegError, describe_os_error, display_path, os_error_behind
 from models import build_model
-from utils import PetsegError, describe_os_error, display_path, os_error_behind
 
 # history.csv, curves.png and the checkpoints' own headers and plain values, which the tensors' bytes leave out.
 OTHER_FILES_BYTES = 4 * 2**20
@@ -167,7 +167,7 @@ def describe_kept_checkpoints(run_dir: Path, resume_command: str) -> str:
 def write_failures_explained(run_dir: Path, resume_command: str) -> Iterator[None]:
     """A failed write of the run's files (disk full, quota, ...) becomes one message: what failed, which
     checkpoints are whole, and the command that continues the run. The failed file's temporary copy is
-    already gone (utils.atomic_write)."""
+    already gone (files.atomic_write)."""
     try:
         yield
     except (OSError, RuntimeError) as error:

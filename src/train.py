@@ -40,9 +40,22 @@ import storage
 from batches import EvalBatches, TrainBatches, place_cache
 from cache import DEFAULT_CACHE_DIR, cache_bytes, cache_fits_in_memory, load_or_build
 from cli import argument_parser
+from devices import (
+    autocast,
+    configure_backends,
+    default_amp,
+    describe_precision,
+    fused_optimizer,
+    needs_loss_scaling,
+    seed_everything,
+)
 from distributed import Processes
 from ema import MovingAverage
+from errors import PetsegError, display_path, run_script
 from evaluate import EvalResult, default_num_workers, eval_loader, evaluate, format_result
+from files import REPO_ROOT, atomic_write, unused_path
+from interrupts import sigint_deferred
+from losses import LOSSES, auxiliary_loss, build_loss
 from models import MODEL_NAMES, build_model
 from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
 from models.stats import count_parameters, training_bytes
@@ -57,27 +70,7 @@ from oxford_pet import (
 )
 from plots import plot_learning_curves
 from run_state import Progress, Trainer
-from utils import (
-    LOSS_WEIGHTS,
-    REPO_ROOT,
-    BCEDiceLoss,
-    PetsegError,
-    atomic_write,
-    autocast,
-    auxiliary_loss,
-    configure_backends,
-    default_amp,
-    describe_precision,
-    display_path,
-    fused_optimizer,
-    logits_to_mask,
-    needs_loss_scaling,
-    per_image_dice,
-    run_script,
-    seed_everything,
-    sigint_deferred,
-    unused_path,
-)
+from utils import logits_to_mask, per_image_dice
 
 HISTORY_FIELDS = (
     "epoch", "lr", "train_loss", "train_dice", "valid_loss", "valid_dice", "valid_dataset_dice", "valid_iou", "seconds",
@@ -205,7 +198,7 @@ def add_study_flags(study: argparse._ArgumentGroup) -> None:
         "(its encoder starts at half resolution)",
     )
     study.add_argument(
-        "--loss", default="bce+dice", choices=LOSS_WEIGHTS,
+        "--loss", default="bce+dice", choices=LOSSES,
         help="training loss: BCE plus soft Dice per image, or either alone",
     )
     study.add_argument(
@@ -387,7 +380,7 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
         announce_resume(resume_from, progress, run_dir, processes)
     args.processes = processes.world_size
     run = Run(args, processes, device, amp, data_path, run_dir, trainer, valid_loader,
-              BCEDiceLoss(*LOSS_WEIGHTS[args.loss]), progress)
+              build_loss(args.loss), progress)
     print(start_line(run, n_valid, channels_last, train_loader.cached))
     return run
 

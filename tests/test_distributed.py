@@ -20,11 +20,12 @@ import torch
 
 import distributed
 from conftest import SRC
+from errors import PetsegError
 from evaluate import eval_loader, evaluate
+from losses import bce_dice
 from make_synthetic_pets import make_synthetic_pets
 from models import build_model
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
-from utils import BCEDiceLoss, PetsegError
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 CPU = torch.device("cpu")
@@ -58,7 +59,7 @@ WORKER = """
     from models import build_model
     from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
     from test_distributed import fixed_batch
-    from utils import BCEDiceLoss
+    from losses import bce_dice
 
     processes = distributed.from_environment()
     device = distributed.start(processes, "cpu")
@@ -67,12 +68,12 @@ WORKER = """
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     images, masks = fixed_batch()
     share = slice(processes.rank * 4, processes.rank * 4 + 4)
-    BCEDiceLoss()(model(images[share]), masks[share]).backward()
+    bce_dice(model(images[share]), masks[share]).backward()
     optimizer.step()
     if processes.is_main:
         torch.save(distributed.unwrap(model).state_dict(), {out!r} + "/stepped.pt")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # --amp on CPUs: BatchNorm sees bfloat16
-        loss = BCEDiceLoss()(model(images[share]), masks[share])
+        loss = bce_dice(model(images[share]), masks[share])
     loss.backward()
     if processes.is_main:
         json.dump({{"bf16_loss": loss.item()}}, open({out!r} + "/bf16.json", "w"))
@@ -81,7 +82,7 @@ WORKER = """
     model = distributed.wrap(build_model("resnet34_unet"), device, sync_batch_norm=True)
     loader = eval_loader({data!r}, "test", 32, IMAGENET_MEAN, IMAGENET_STD, 3, 0, device, original_masks=True,
                          shard=processes.shard)
-    result = evaluate(model, loader, device, loss_fn=BCEDiceLoss())
+    result = evaluate(model, loader, device, loss_fn=bce_dice)
     if processes.is_main:
         summary = {{**result.summary(), "per_image_dice": result.per_image_dice}}
         json.dump(summary, open({out!r} + "/evaluated.json", "w"))
@@ -113,7 +114,7 @@ def test_one_ddp_step_with_sync_batch_norm_equals_one_process_with_the_whole_bat
     model.load_state_dict(initial.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     images, masks = fixed_batch()
-    BCEDiceLoss()(model(images.double()), masks.double()).backward()
+    bce_dice(model(images.double()), masks.double()).backward()
     optimizer.step()
     expected = model.state_dict()
     got = torch.load(out / "stepped.pt", weights_only=True)
@@ -146,7 +147,7 @@ def test_distributed_evaluation_counts_every_image_once(two_processes) -> None:
     torch.manual_seed(1)
     model = build_model("resnet34_unet")
     loader = eval_loader(data, "test", 32, IMAGENET_MEAN, IMAGENET_STD, 3, 0, CPU, original_masks=True)
-    expected = evaluate(model, loader, CPU, loss_fn=BCEDiceLoss())
+    expected = evaluate(model, loader, CPU, loss_fn=bce_dice)
     got = json.loads((out / "evaluated.json").read_text())
     assert len(got["per_image_dice"]) == 7
     assert got["per_image_dice"] == pytest.approx(expected.per_image_dice, abs=1e-6)

@@ -18,9 +18,10 @@ import inference
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import E2E_EPOCHS, E2E_FLAGS, run_script
+from errors import PetsegError
 from evaluate import SplitWithOriginalMasks, predict_logits, resize_logits
 from oxford_pet import build_transform, image_path, load_dataset
-from utils import PetsegError, logits_to_mask
+from utils import logits_to_mask
 
 
 def printed_test_dice(output: str) -> float:

@@ -14,9 +14,9 @@ import torch
 
 import checkpoint as ckpt
 import export
+from errors import PetsegError, run_script
 from models import build_model
 from oxford_pet import IMAGENET_MEAN
-from utils import PetsegError, run_script
 
 TRAINING_SIZE = 64
 # Neither is the training size; one has a batch of two and H != W.

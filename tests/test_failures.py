@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 import checkpoint as ckpt
+import losses
 import train
+from errors import PetsegError
 from oxford_pet import DatasetError, OxfordPetSegmentation, load_sample, prepare_dataset, split_names
-from utils import BCEDiceLoss, PetsegError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FAST = ["-e", "2", "-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
@@ -217,15 +218,15 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(
 def test_nan_loss_stops_with_epoch_step_and_advice_and_keeps_the_best(
     synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_forward = BCEDiceLoss.forward
+    real_bce = losses.bce
     calls = []
 
-    def nan_in_epoch_2(self, logits, target):
+    def nan_in_epoch_2(logits, target):
         calls.append(1)
-        loss = real_forward(self, logits, target)
+        loss = real_bce(logits, target)
         return loss * float("nan") if len(calls) == 9 else loss  # 6 train + 1 valid batch in epoch 1
 
-    monkeypatch.setattr(BCEDiceLoss, "forward", nan_in_epoch_2)
+    monkeypatch.setattr(losses, "bce", nan_in_epoch_2)
     with pytest.raises(PetsegError) as error:
         train.main(["--data_path", str(synthetic_pets), *FAST, "--save-dir", str(tmp_path), "--run-name", "r"])
     message = str(error.value)

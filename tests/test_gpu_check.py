@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils
+import devices
+import errors
 from conftest import REPO_ROOT
 from make_synthetic_pets import make_synthetic_pets
 
@@ -124,7 +125,7 @@ def test_a_failed_stage_is_reported_and_the_next_runs_and_one_cut_off_keeps_its_
     monkeypatch.setattr(gpu_check, "STAGES", tuple(quick))
     out = tmp_path / "out"
     start = time.monotonic()
-    with pytest.raises(utils.PetsegError, match="stage.s. syncs failed"):
+    with pytest.raises(errors.PetsegError, match="stage.s. syncs failed"):
         gpu_check.main(["--output", str(out), "--budget-minutes", "0.1", "--runs-dir", str(out / "runs")])
     assert time.monotonic() - start < 15, "the hanging stage was stopped at its limit"
     report = (out / gpu_check.REPORT_NAME).read_text()
@@ -152,10 +153,10 @@ def test_forced_fp16_reaches_autocast_and_the_scaler_and_is_undone() -> None:
     setup = train_speed.Setup(amp=True, force_fp16=True, cudnn_benchmark=False)
     benchmark = torch.backends.cudnn.benchmark
     with train_speed.configured(setup):
-        assert utils.autocast_dtype(CPU) == torch.float16 and utils.needs_loss_scaling(CPU, amp=True)
+        assert devices.autocast_dtype(CPU) == torch.float16 and devices.needs_loss_scaling(CPU, amp=True)
         training = train_speed.make_training("resnet34_unet", CPU, setup, loader=[None, None])
         assert training.trainer.scaler.is_enabled() and not torch.backends.cudnn.benchmark
-    assert utils.autocast_dtype(CPU) == torch.bfloat16 and not utils.needs_loss_scaling(CPU, amp=True)
+    assert devices.autocast_dtype(CPU) == torch.bfloat16 and not devices.needs_loss_scaling(CPU, amp=True)
     assert torch.backends.cudnn.benchmark == benchmark
     assert setup.precision(CPU) == "float16 autocast with loss scaling (forced)"
 

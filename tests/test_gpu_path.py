@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 import batches
+import devices
+import errors
+import losses
 import train
-import utils
 from batches import TrainBatches, place_cache, prefetched
 from cache import CachedSplit
 from host_syncs import HostSyncCounter
@@ -47,14 +49,14 @@ def test_a_gpu_older_than_the_wheel_is_refused_with_the_install_that_has_its_ker
     monkeypatch: pytest.MonkeyPatch, name: str, capability: tuple[int, int]
 ) -> None:
     fake_gpu(monkeypatch, name, capability, CUDA13_ARCHS)
-    with pytest.raises(utils.PetsegError) as error:
-        utils.select_device("auto")
+    with pytest.raises(errors.PetsegError) as error:
+        devices.select_device("auto")
     message = str(error.value)
     assert name in message and f"compute capability {capability[0]}.{capability[1]}" in message
     assert "7.5 to 12.0" in message and "no kernel image is available" in message
-    assert utils.LEGACY_CUDA_INSTALL in message and "--index-url https://download.pytorch.org/whl/cu126" in message
-    with pytest.raises(utils.PetsegError, match="cu126"):
-        utils.select_device("cuda")
+    assert devices.LEGACY_CUDA_INSTALL in message and "--index-url https://download.pytorch.org/whl/cu126" in message
+    with pytest.raises(errors.PetsegError, match="cu126"):
+        devices.select_device("cuda")
 
 
 @pytest.mark.parametrize("capability, archs, runs", [
@@ -65,27 +67,27 @@ def test_a_gpu_older_than_the_wheel_is_refused_with_the_install_that_has_its_ker
     ((7, 0), CUDA13_ARCHS, False), ((8, 0), ["sm_86"], False), ((9, 0), ["sm_90a"], True),
 ])
 def test_which_builds_run_on_which_gpus(capability: tuple[int, int], archs: list[str], runs: bool) -> None:
-    assert utils.build_runs_on(capability, archs) is runs
+    assert devices.build_runs_on(capability, archs) is runs
 
 
 def test_a_gpu_the_wheel_supports_is_used_and_a_newer_one_is_told_to_upgrade(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_gpu(monkeypatch, "NVIDIA H200", (9, 0), CUDA13_ARCHS)
-    assert utils.select_device("auto") == torch.device("cuda", 0), "an indexed device, as tensors on it name it"
+    assert devices.select_device("auto") == torch.device("cuda", 0), "an indexed device, as tensors on it name it"
     fake_gpu(monkeypatch, "NVIDIA B200", (10, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"])
-    with pytest.raises(utils.PetsegError, match="pip install --upgrade torch torchvision"):
-        utils.select_device("auto")
+    with pytest.raises(errors.PetsegError, match="pip install --upgrade torch torchvision"):
+        devices.select_device("auto")
 
 
 def test_a_rocm_build_is_not_checked_against_nvidia_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_gpu(monkeypatch, "AMD Instinct MI300X", (9, 4), ["gfx90a", "gfx942", "gfx1100"])
-    assert utils.select_device("auto") == torch.device("cuda", 0)
+    assert devices.select_device("auto") == torch.device("cuda", 0)
 
 
 def test_devices_are_one_whatever_their_index_spelling(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert utils.same_device(torch.device("cuda", 0), CUDA) and utils.same_device(CUDA, torch.device("cuda:0"))
-    assert not utils.same_device(torch.device("cuda", 1), CUDA) and not utils.same_device(CPU, CUDA)
-    assert utils.same_device(torch.device("mps", 0), torch.device("mps"))
+    assert devices.same_device(torch.device("cuda", 0), CUDA) and devices.same_device(CUDA, torch.device("cuda:0"))
+    assert not devices.same_device(torch.device("cuda", 1), CUDA) and not devices.same_device(CPU, CUDA)
+    assert devices.same_device(torch.device("mps", 0), torch.device("mps"))
 
 
 def test_a_resumed_optimiser_takes_this_machines_kernel_and_puts_its_steps_beside_the_weights() -> None:
@@ -113,9 +115,9 @@ def test_precision_follows_the_gpu_generation(
 ) -> None:
     fake_gpu(monkeypatch, "GPU", capability, CUDA13_ARCHS)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
-    assert utils.default_amp(CUDA) is default_amp
-    assert utils.describe_precision(CUDA, amp=utils.default_amp(CUDA)) == expected
-    assert not utils.default_amp(CPU) and not utils.default_amp(torch.device("mps"))
+    assert devices.default_amp(CUDA) is default_amp
+    assert devices.describe_precision(CUDA, amp=devices.default_amp(CUDA)) == expected
+    assert not devices.default_amp(CPU) and not devices.default_amp(torch.device("mps"))
 
 
 # ----------------------------------------------------------------------------- 2. the training loop
@@ -145,14 +147,14 @@ def count_one_epoch(
     """Syncs and copies of one epoch from a cache on the device. The batches are fetched in this thread, so that
     the (thread-local) counter sees the fetching too, and the per-device constants are made afresh."""
     monkeypatch.setattr(batches, "prefetched", iter)
-    utils.device_constant.cache_clear()
+    devices.device_constant.cache_clear()
     loader = TrainBatches(synthetic_split(2 * steps, 24), 2, CPU, 16, IMAGENET_MEAN, IMAGENET_STD)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = train.make_scheduler(optimizer, 1e-3, 10, len(loader))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     average = train.MovingAverage(model, 0.99) if ema else None
     with HostSyncCounter([SRC]) as counter:
-        train.train_one_epoch(model, loader, optimizer, scheduler, scaler, utils.BCEDiceLoss(), CPU, False, "t",
+        train.train_one_epoch(model, loader, optimizer, scheduler, scaler, losses.bce_dice, CPU, False, "t",
                               average)
     return counter
 
@@ -174,20 +176,20 @@ def test_the_networks_train_without_waiting_for_the_gpu(network: str) -> None:
     model = build_model(network, deep_supervision=True).train()
     with HostSyncCounter([SRC]) as counter:
         logits, aux = model(torch.randn(2, 3, 32, 32))
-        loss = utils.BCEDiceLoss()(logits, torch.ones_like(logits))
-        (loss + utils.auxiliary_loss(utils.BCEDiceLoss(), aux, torch.ones_like(logits))).backward()
+        loss = losses.bce_dice(logits, torch.ones_like(logits))
+        (loss + losses.auxiliary_loss(losses.bce_dice, aux, torch.ones_like(logits))).backward()
     assert counter.syncs == 0 and counter.transfers == 0, counter.sites
 
 
 def test_a_diverged_loss_is_caught_at_the_next_read_naming_its_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_forward, calls = utils.BCEDiceLoss.forward, []
+    real_bce, calls = losses.bce, []
 
-    def nan_at_step_7(self, logits, target):
+    def nan_at_step_7(logits, target):
         calls.append(1)
-        loss = real_forward(self, logits, target)
+        loss = real_bce(logits, target)
         return loss * float("nan") if len(calls) == 7 else loss
 
-    monkeypatch.setattr(utils.BCEDiceLoss, "forward", nan_at_step_7)
+    monkeypatch.setattr(losses, "bce", nan_at_step_7)
     with pytest.raises(train.NonFiniteLoss) as error:
         count_one_epoch(TinyNet(), 60, monkeypatch)
     assert (error.value.step, error.value.noticed_at) == (7, train.READ_EVERY)
@@ -211,13 +213,13 @@ def test_training_turns_cudnn_benchmark_on_for_cuda_and_off_for_repeatable_runs(
     saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     saved_workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     try:
-        utils.configure_backends(CUDA, deterministic=False)
+        devices.configure_backends(CUDA, deterministic=False)
         assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
-        utils.configure_backends(CUDA, deterministic=True)
+        devices.configure_backends(CUDA, deterministic=True)
         assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
-        utils.configure_backends(CPU, deterministic=False)
+        devices.configure_backends(CPU, deterministic=False)
         assert not torch.backends.cudnn.benchmark
     finally:
         torch.use_deterministic_algorithms(False)
@@ -328,7 +330,7 @@ def test_training_reserves_the_networks_footprint_for_the_cache(monkeypatch: pyt
 def test_on_mps_the_cache_stays_in_cpu_memory_and_copies_block() -> None:
     splits = {"train": synthetic_split(4, 24)}
     assert place_cache(splits, torch.device("mps"), reserve=0)["train"].images.device == CPU
-    assert not utils.non_blocking(torch.device("mps")) and utils.non_blocking(CUDA)
+    assert not devices.non_blocking(torch.device("mps")) and devices.non_blocking(CUDA)
 
 
 def test_autocast_is_not_entered_when_mixed_precision_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -336,10 +338,10 @@ def test_autocast_is_not_entered_when_mixed_precision_is_off(monkeypatch: pytest
         raise RuntimeError("torch 2.4 refuses MPS autocast even disabled")
 
     monkeypatch.setattr(torch, "autocast", refuse)
-    with utils.autocast(torch.device("mps"), enabled=False):
+    with devices.autocast(torch.device("mps"), enabled=False):
         pass
     with pytest.raises(RuntimeError):
-        utils.autocast(torch.device("mps"), enabled=True)
+        devices.autocast(torch.device("mps"), enabled=True)
 
 
 # ----------------------------------------------------------------------------- on a real GPU (benchmarks/gpu_check.py)
@@ -352,7 +354,7 @@ def synchronizations_in_one_epoch(split: CachedSplit, steps: int) -> list[str]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     scheduler = train.make_scheduler(optimizer, 1e-3, 10, len(loader))
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    args = (model, loader, optimizer, scheduler, scaler, utils.BCEDiceLoss(), CUDA, True, "t")
+    args = (model, loader, optimizer, scheduler, scaler, losses.bce_dice, CUDA, True, "t")
     train.train_one_epoch(*args)  # warm-up: the allocators' first blocks, cuDNN's choices
     assert len(loader) == steps
     torch.cuda.synchronize()
@@ -381,4 +383,4 @@ def test_on_a_gpu_the_loop_waits_at_most_once_per_25_steps_from_either_cache_pla
 def test_on_a_gpu_a_cache_that_fits_moves_there_whole() -> None:
     placed = place_cache({"train": synthetic_split(8, 24), "valid": synthetic_split(4, 16)}, CUDA, reserve=0)
     assert all(split.images.is_cuda and split.masks.is_cuda for split in placed.values())
-    assert utils.select_device("auto").type == "cuda", "this PyTorch build has kernels for this GPU"
+    assert devices.select_device("auto").type == "cuda", "this PyTorch build has kernels for this GPU"

@@ -26,25 +26,26 @@ from torchvision.utils import draw_segmentation_masks
 
 import cache
 import checkpoint as ckpt
+import errors
 import evaluate
+import files
 import inference
 import oxford_pet
 import plots
 import run_state
 import train
-import utils
+from errors import PetsegError
 from oxford_pet import DatasetError, load_dataset, read_image
 from test_user_facing import noise, write_run
-from utils import PetsegError
 
 GIB = 2**30
 FAST = ["-e", "2", "-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
 
 
 def script_error(main, capsys: pytest.CaptureFixture) -> str:
-    """What utils.run_script(main) prints, once it has exited 1 as a script does."""
+    """What errors.run_script(main) prints, once it has exited 1 as a script does."""
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_script(main)
+        errors.run_script(main)
     assert exit_info.value.code == 1
     return capsys.readouterr().err
 
@@ -74,7 +75,7 @@ def small_tmpfs(tmp_path: Path):
 
 class FullDisk:
     """The Nth atomic write of a file named `name` fails with ENOSPC after a few bytes, as a full disk does.
-    utils.atomic_write gets the patched mkstemp and fdopen; everything else it does is real."""
+    files.atomic_write gets the patched mkstemp and fdopen; everything else it does is real."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, nth: int = 1) -> None:
         self.name, self.nth, self.seen, self.fds = name, nth, 0, set()
@@ -92,8 +93,8 @@ class FullDisk:
             file = real_fdopen(fd, *args, **kwargs)
             return _FillsUp(file) if fd in self.fds else file
 
-        monkeypatch.setattr(utils.tempfile, "mkstemp", mkstemp)
-        monkeypatch.setattr(utils.os, "fdopen", fdopen)
+        monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(files.os, "fdopen", fdopen)
 
 
 class _FillsUp:
@@ -136,14 +137,14 @@ def test_an_os_error_reaching_a_script_is_one_paragraph_naming_the_path(
     number = getattr(errno, code)
     path = tmp_path / "runs" / "best.pt"
     err = script_error(raise_(OSError(number, os.strerror(number), str(path))), capsys)
-    assert err.startswith(f"error: {utils.display_path(path)}: ") and words in err
+    assert err.startswith(f"error: {errors.display_path(path)}: ") and words in err
     assert "Traceback" not in err and err.strip().count("\n") == 0
     assert err.strip().endswith(".") and len(err.split(". ")) >= 2, "what happened, then what to do"
 
 
 def test_a_bug_keeps_its_traceback(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(RuntimeError, match="our bug"):
-        utils.run_script(raise_(RuntimeError("our bug")))
+        errors.run_script(raise_(RuntimeError("our bug")))
 
 
 def checkpoint_contents(megabytes: int = 1) -> dict:
@@ -159,7 +160,7 @@ def test_torch_save_on_a_full_disk_names_the_file_and_leaves_no_temporary_file(
     FullDisk(monkeypatch, "best.pt")
     target = tmp_path / "best.pt"
     err = script_error(lambda: ckpt.save_checkpoint(target, **checkpoint_contents()), capsys)
-    assert err.startswith(f"error: {utils.display_path(target)}: the disk is full") and "Traceback" not in err
+    assert err.startswith(f"error: {errors.display_path(target)}: the disk is full") and "Traceback" not in err
     assert not list(tmp_path.iterdir()), "the temporary file is removed"
 
 
@@ -169,21 +170,21 @@ def test_a_file_that_cannot_be_made_is_named_as_the_user_knows_it_not_by_its_tem
     def read_only(dir: str, prefix: str, suffix: str):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir, f"{prefix}k3x9{suffix}"))
 
-    monkeypatch.setattr(utils.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
     target = tmp_path / "history.csv"
 
     def main() -> None:
-        with utils.atomic_write(target, "w") as file:
+        with files.atomic_write(target, "w") as file:
             file.write("epoch\n")
 
     err = script_error(main, capsys)
-    assert err.startswith(f"error: {utils.display_path(target)}: it is on a read-only file system")
+    assert err.startswith(f"error: {errors.display_path(target)}: it is on a read-only file system")
 
 
 def test_a_real_full_disk_reads_the_same(small_tmpfs: Path, capsys: pytest.CaptureFixture) -> None:
     target = small_tmpfs / "best.pt"
     err = script_error(lambda: ckpt.save_checkpoint(target, **checkpoint_contents(4)), capsys)
-    assert err.startswith(f"error: {utils.display_path(target)}: the disk is full") and "Traceback" not in err
+    assert err.startswith(f"error: {errors.display_path(target)}: the disk is full") and "Traceback" not in err
     assert not list(small_tmpfs.iterdir())
 
 
@@ -309,10 +310,10 @@ def test_a_disk_that_fills_mid_run_says_which_checkpoints_are_whole_and_how_to_r
         train.main(argv)
     run_dir = tmp_path / "r"
     message = str(error.value)
-    assert message.startswith(f"{utils.display_path(run_dir / 'last.pt')}: the disk is full")
-    assert f"{utils.display_path(run_dir / 'best.pt')} (epoch 2, valid Dice 0.6000)" in message
-    assert f"{utils.display_path(run_dir / 'last.pt')} (the end of epoch 1)" in message
-    assert message.endswith(f"--resume {utils.display_path(run_dir)}")
+    assert message.startswith(f"{errors.display_path(run_dir / 'last.pt')}: the disk is full")
+    assert f"{errors.display_path(run_dir / 'best.pt')} (epoch 2, valid Dice 0.6000)" in message
+    assert f"{errors.display_path(run_dir / 'last.pt')} (the end of epoch 1)" in message
+    assert message.endswith(f"--resume {errors.display_path(run_dir)}")
     assert not [path.name for path in run_dir.iterdir() if path.name.endswith(".tmp")], "no temporary file is left"
     last = ckpt.load_checkpoint(run_dir / ckpt.LAST_NAME)
     assert last["epoch"] == 1 and "training" in last, "the run can resume from it"
@@ -621,14 +622,14 @@ def test_a_path_under_a_folder_that_cannot_be_searched_is_shown_not_a_second_err
         raise PermissionError(errno.EACCES, "Permission denied", str(self))  # as Path.exists does, Python < 3.14
 
     monkeypatch.setattr(Path, "exists", unsearchable)
-    assert utils.display_path(Path("/root/private/runs")).endswith("runs")
-    message = utils.describe_os_error(PermissionError(errno.EACCES, "Permission denied", "/root/private/runs"))
+    assert errors.display_path(Path("/root/private/runs")).endswith("runs")
+    message = errors.describe_os_error(PermissionError(errno.EACCES, "Permission denied", "/root/private/runs"))
     assert "runs: permission denied" in message
 
 
 def test_a_write_failing_without_an_errno_keeps_its_message(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="cannot write mode RGBA as JPEG"):
-        with utils.atomic_write(tmp_path / "out.jpg"):
+        with files.atomic_write(tmp_path / "out.jpg"):
             raise OSError("cannot write mode RGBA as JPEG")  # how Pillow's encoders fail
     assert list(tmp_path.iterdir()) == []
 
@@ -640,7 +641,7 @@ def test_a_file_system_without_permissions_still_gets_the_file_and_no_temporary_
         raise PermissionError(errno.EPERM, "Operation not permitted")  # vfat, exFAT, some network drives
 
     monkeypatch.setattr(os, "chmod", no_permissions)
-    with utils.atomic_write(tmp_path / "best.pt") as file:
+    with files.atomic_write(tmp_path / "best.pt") as file:
         file.write(b"weights")
     assert [path.name for path in tmp_path.iterdir()] == ["best.pt"]
 
@@ -650,7 +651,7 @@ def test_an_os_error_we_cannot_explain_keeps_its_traceback() -> None:
         raise OSError(errno.ENOTSUP, "Operation not supported", "/data/x")
 
     with pytest.raises(OSError, match="not supported"):
-        utils.run_script(unexplained)
+        errors.run_script(unexplained)
 
 
 def test_a_failed_save_leaves_the_complete_cache_another_run_saved(
@@ -700,7 +701,7 @@ def test_an_os_error_in_a_loader_worker_is_explained_with_its_path(capsys: pytes
         next(iter(torch.utils.data.DataLoader(FullDiskPairs(), num_workers=1)))
 
     with pytest.raises(SystemExit) as exit_info:
-        utils.run_script(load_in_a_worker)
+        errors.run_script(load_in_a_worker)
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "pairs.npy: the disk is full" in err and "Traceback" not in err

@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from evaluate import collate_with_original_masks, evaluate, format_result, predict_logits, resize_logits
-from utils import LOSS_WEIGHTS, BCEDiceLoss, auxiliary_loss, dice_score, logits_to_mask, per_image_dice
+from losses import LOSSES, auxiliary_loss, bce_dice
+from utils import dice_score, logits_to_mask, per_image_dice
 
 
 def masks(*rows: list[list[int]]) -> torch.Tensor:
@@ -68,7 +69,7 @@ def test_evaluate_reports_per_image_and_pooled_scores() -> None:
     logits = torch.tensor([[[[5.0, 5.0, -5.0, -5.0]]], [[[-5.0, -5.0, -5.0, 5.0]]], [[[-5.0, -5.0, -5.0, -5.0]]]])
     truth = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]], [[[0.0, 0.0, 1.0, 1.0]]], [[[0.0, 0.0, 0.0, 0.0]]]])
     loader = DataLoader(TensorDataset(logits, truth), batch_size=2)
-    result = evaluate(FixedLogits(), loader, torch.device("cpu"), loss_fn=BCEDiceLoss())
+    result = evaluate(FixedLogits(), loader, torch.device("cpu"), loss_fn=bce_dice)
     # image 1: |P|=2 |G|=1 ∩=1 -> 2/3; image 2: |P|=1 |G|=2 ∩=1 -> 2/3; image 3: both empty -> 1
     assert result.per_image_dice == pytest.approx([2 / 3, 2 / 3, 1.0])
     assert result.dice == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
@@ -79,7 +80,7 @@ def test_evaluate_reports_per_image_and_pooled_scores() -> None:
 
 def test_loss_is_small_for_confident_right_answers_and_large_for_wrong_ones() -> None:
     target = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
-    loss = BCEDiceLoss()
+    loss = bce_dice
     right = loss(torch.where(target > 0, 10.0, -10.0), target)
     wrong = loss(torch.where(target > 0, -10.0, 10.0), target)
     assert right.item() < 1e-3 < 1.0 < wrong.item()
@@ -136,20 +137,20 @@ def test_resize_logits_keeps_a_same_size_input_untouched() -> None:
     assert resize_logits(logits, (13, 3)).shape == (1, 1, 13, 3)
 
 
-def test_loss_weights_give_bce_or_soft_dice_alone() -> None:
+def test_the_registered_losses_are_bce_soft_dice_and_their_sum() -> None:
     logits = torch.randn(3, 1, 8, 8)
     target = (torch.rand(3, 1, 8, 8) > 0.5).float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
     prob = torch.sigmoid(logits).flatten(1)
     soft_dice = (2 * (prob * target.flatten(1)).sum(1) + 1) / (prob.sum(1) + target.flatten(1).sum(1) + 1)
-    assert BCEDiceLoss(*LOSS_WEIGHTS["bce"])(logits, target) == pytest.approx(bce.item(), rel=1e-6)
-    assert BCEDiceLoss(*LOSS_WEIGHTS["dice"])(logits, target) == pytest.approx(1 - soft_dice.mean().item(), rel=1e-6)
-    both = BCEDiceLoss(*LOSS_WEIGHTS["bce+dice"])(logits, target)
+    assert LOSSES["bce"](logits, target) == pytest.approx(bce.item(), rel=1e-6)
+    assert LOSSES["dice"](logits, target) == pytest.approx(1 - soft_dice.mean().item(), rel=1e-6)
+    both = LOSSES["bce+dice"](logits, target)
     assert both == pytest.approx(bce.item() + 1 - soft_dice.mean().item(), rel=1e-6)
 
 
 def test_auxiliary_losses_are_upsampled_and_halve_per_stage_down() -> None:
-    loss = BCEDiceLoss()
+    loss = bce_dice
     target = (torch.rand(2, 1, 16, 16) > 0.5).float()
     coarse, fine = torch.full((2, 1, 4, 4), -1.0), torch.full((2, 1, 8, 8), 2.0)  # constant maps upsample exactly
     expected = 0.25 * loss(torch.full_like(target, -1.0), target) + 0.5 * loss(torch.full_like(target, 2.0), target)

@@ -22,6 +22,9 @@ from torch.overrides import TorchFunctionMode
 import batches
 import cache
 import checkpoint as ckpt
+import devices
+import errors
+import losses
 import run_state
 import train
 import utils
@@ -62,9 +65,9 @@ def test_metrics_loss_augmentation_and_evaluation_never_use_float64(synthetic_pe
     expected = utils.per_image_dice(pred, gt)
     with NoFloat64():
         dice = utils.per_image_dice(pred, gt)
-        utils.BCEDiceLoss()(torch.randn(4, 1, 32, 32), gt.float())
+        losses.bce_dice(torch.randn(4, 1, 32, 32), gt.float())
         augment_batch(images, masks, 32, IMAGENET_MEAN, IMAGENET_STD, generator)
-        evaluate(model, loader, CPU, loss_fn=utils.BCEDiceLoss())
+        evaluate(model, loader, CPU, loss_fn=losses.bce_dice)
     assert torch.equal(dice, expected)
     intersection, total = (pred & gt).flatten(1).sum(1), pred.flatten(1).sum(1) + gt.flatten(1).sum(1)
     exact = (2 * intersection).double() / total.double()
@@ -82,15 +85,15 @@ def emulating_bf16(including_emulation: bool = True) -> bool:
 def test_gpus_without_native_bf16_get_fp16_with_loss_scaling(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulating_bf16)
-    assert utils.autocast_dtype(cuda) == torch.float16
-    assert utils.needs_loss_scaling(cuda, amp=True)
-    assert utils.describe_precision(cuda, amp=True) == "float16 autocast with loss scaling"
+    assert devices.autocast_dtype(cuda) == torch.float16
+    assert devices.needs_loss_scaling(cuda, amp=True)
+    assert devices.describe_precision(cuda, amp=True) == "float16 autocast with loss scaling"
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
-    assert utils.autocast_dtype(cuda) == torch.bfloat16
-    assert not utils.needs_loss_scaling(cuda, amp=True)
-    assert utils.describe_precision(cuda, amp=True) == "bfloat16 autocast"
-    assert utils.describe_precision(cuda, amp=False) == "float32"
+    assert devices.autocast_dtype(cuda) == torch.bfloat16
+    assert not devices.needs_loss_scaling(cuda, amp=True)
+    assert devices.describe_precision(cuda, amp=True) == "bfloat16 autocast"
+    assert devices.describe_precision(cuda, amp=False) == "float32"
 
 
 # ----------------------------------------------------------------------------- Windows: no /proc, no sysconf
@@ -211,7 +214,7 @@ def test_resuming_on_a_training_set_of_another_size_is_refused(
     fewer = shutil.copytree(synthetic_pets, tmp_path / "fewer")
     lines = (fewer / "annotations" / "trainval.txt").read_text().splitlines()
     (fewer / "annotations" / "trainval.txt").write_text("\n".join(lines[:-5]) + "\n")
-    with pytest.raises(utils.PetsegError, match="trained on 54 images, but .* now gives 49"):
+    with pytest.raises(errors.PetsegError, match="trained on 54 images, but .* now gives 49"):
         train.main(["--resume", str(run_dir), "--data_path", str(fewer)])
 
 
@@ -238,8 +241,8 @@ def test_cuda_random_states_are_restored_for_the_gpus_this_machine_has(monkeypat
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
     monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)
-    states = {**utils.rng_states(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}  # saved on two GPUs
-    utils.restore_rng_states(states)
+    states = {**devices.rng_states(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}  # saved on two GPUs
+    devices.restore_rng_states(states)
     assert restored == [0]
 
 

@@ -13,10 +13,10 @@ import checkpoint as ckpt
 import inference
 import train
 from conftest import train_with_ctrl_c_in_epoch_2
+from losses import bce_dice
 from models import UNet
 from test_end_to_end import printed_test_dice
 from test_resume import assert_same_weights, history_without_timing
-from utils import BCEDiceLoss
 
 OPTIONS = ["--deep-supervision", "--full-res-skip", "--decoder-channels", "64", "32", "16", "16", "8", "--loss", "dice"]
 FAST = ["-e", "2", "-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
@@ -64,7 +64,7 @@ def test_one_training_step_trains_the_auxiliary_heads_too() -> None:
     batch = (torch.randn(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     train.train_one_epoch(
-        model, [batch], optimizer, scheduler, scaler, BCEDiceLoss(), torch.device("cpu"), False, "step"
+        model, [batch], optimizer, scheduler, scaler, bce_dice, torch.device("cpu"), False, "step"
     )
     for index, (head, weight) in enumerate(zip(model.aux_heads, before, strict=True)):
         assert not torch.equal(head.weight, weight), f"auxiliary head {index} got no gradient"

@@ -19,7 +19,7 @@ import torch
 import checkpoint as ckpt
 import train
 from conftest import train_with_ctrl_c_in_epoch_2
-from utils import atomic_write
+from files import atomic_write
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FAST = ["-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]

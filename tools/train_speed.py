@@ -18,9 +18,10 @@ from itertools import islice
 import torch
 from torch import nn
 
+import devices
+import losses
 import run_state
 import train
-import utils
 from batches import TrainBatches
 from cache import CachedSplit
 from models import build_model
@@ -79,21 +80,21 @@ class Setup:
 
     def precision(self, device: torch.device) -> str:
         with configured(self):
-            return utils.describe_precision(device, self.amp) + (" (forced)" if self.force_fp16 else "")
+            return devices.describe_precision(device, self.amp) + (" (forced)" if self.force_fp16 else "")
 
 
 @contextlib.contextmanager
 def configured(setup: Setup) -> Iterator[None]:
-    """fp16 forced through utils.autocast_dtype, the one place that picks the autocast dtype (loss
+    """fp16 forced through devices.autocast_dtype, the one place that picks the autocast dtype (loss
     scaling follows it), and cudnn.benchmark as the setup says; both restored afterwards."""
-    previous = utils.autocast_dtype, torch.backends.cudnn.benchmark
+    previous = devices.autocast_dtype, torch.backends.cudnn.benchmark
     if setup.force_fp16:
-        utils.autocast_dtype = lambda device: torch.float16
+        devices.autocast_dtype = lambda device: torch.float16
     torch.backends.cudnn.benchmark = setup.cudnn_benchmark
     try:
         yield
     finally:
-        utils.autocast_dtype, torch.backends.cudnn.benchmark = previous
+        devices.autocast_dtype, torch.backends.cudnn.benchmark = previous
 
 
 def synchronize(device: torch.device) -> None:
@@ -138,7 +139,7 @@ def make_training(name: str, device: torch.device, setup: Setup, loader: Sized) 
     flags.compile = setup.compiled
     model = build_model(name, **run_state.model_kwargs(flags)).to(device)
     trainer = train.make_trainer(flags, model, loader, device, setup.amp, device.type == "cuda", resume_from=None)
-    return Training(trainer, utils.BCEDiceLoss(*utils.LOSS_WEIGHTS[flags.loss]), device, setup.amp)
+    return Training(trainer, losses.build_loss(flags.loss), device, setup.amp)
 
 
 def time_epoch(training: Training, loader: TrainBatches | RepeatedBatch, warmup_steps: int) -> tuple[float, float]:

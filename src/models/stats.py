@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils import auxiliary_loss
+from losses import auxiliary_loss
 
 
 def count_parameters(model: nn.Module) -> int:

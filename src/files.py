@@ -1,0 +1,62 @@
+"""Safe writes: a file is replaced whole or not at all, and an existing one is never silently reused."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from errors import os_error_behind
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# Read once, at import: setting it to read it is process-wide, and would race with threads writing files.
+_UMASK = _read_umask()
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator:
+    """Write to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file whole."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        error.filename = str(path)  # the file the user knows of, not the temporary one beside it
+        raise
+    try:
+        # mkstemp makes files private; give them the permissions open() would, where the file system has any.
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        with os.fdopen(fd, mode) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # already closed unless fdopen itself failed
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        os_error = os_error_behind(error)
+        if os_error is not None and os_error.filename is None and os_error.errno is not None:
+            os_error.filename = str(path)  # a failed write names no file: say which
+        raise
+
+
+def unused_path(path: Path) -> Path:
+    """`path` if nothing is there yet, else the first free `stem-2.suffix`, `stem-3.suffix`, ..."""
+    path = Path(path)
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
