@@ -20,6 +20,7 @@ sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools")]
 import batches  # noqa: E402
 import devices  # noqa: E402
 import losses  # noqa: E402
+import run_state  # noqa: E402
 import train  # noqa: E402
 from cache import CachedSplit  # noqa: E402
 from cli import argument_parser  # noqa: E402
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     loader = batches.TrainBatches(split, 2, CPU, 32, IMAGENET_MEAN, IMAGENET_STD)
     model = build_model(args.network)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = train.make_scheduler(optimizer, 1e-3, 10, len(loader))
+    scheduler = run_state.make_scheduler(optimizer, 1e-3, 10, len(loader))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batches.prefetched = iter  # fetch in this thread, where the counter sees it
     devices.device_constant.cache_clear()  # the constants made once per device count too

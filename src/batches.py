@@ -7,20 +7,32 @@ for the same seed, cached and per-image training see the same batches.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
+import distributed
 from augment import Choices, apply_augmentation, normalize, sample_augmentation
-from cache import CachedSplit
+from cache import CachedSplit, cache_bytes, cache_fits_in_memory, load_or_build
 from devices import non_blocking, same_device
-from oxford_pet import DEFAULT_AUGMENTATION, Augmentation
+from distributed import Processes
+from oxford_pet import (
+    AUGMENTATIONS,
+    DEFAULT_AUGMENTATION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Augmentation,
+    crop_source_size,
+    load_dataset,
+)
 
 UInt8Batch = tuple[torch.Tensor, torch.Tensor]
 T = TypeVar("T")
@@ -154,8 +166,8 @@ class TrainBatches:
     source size of `augmentation`, the ranges the batches are augmented with. `generator`
     drives shuffling and augmentation; saving its state in last.pt makes a resumed run exact.
     Processes training together (rank of world_size) hold the same generator and draw in step for
-    the whole global batch of `batch_size` images, each taking its own share: together they see
-    exactly the batches one process would.
+    the whole global batch of world_size x `batch_size` images, each taking its own `batch_size`:
+    together they see exactly the batches one process would.
     """
 
     def __init__(
@@ -175,8 +187,8 @@ class TrainBatches:
         # Only the count is kept: a cache moved to the GPU must not stay in the CPU's memory too.
         self.n_images = len(source)
         self.cached = isinstance(source, CachedSplit)
-        self.batch_size, self.image_size, self.device = batch_size, image_size, device
-        self.share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        self.batch_size, self.image_size, self.device = batch_size * world_size, image_size, device
+        self.share = slice(rank * batch_size, (rank + 1) * batch_size)
         self.mean, self.std = list(mean), list(std)
         self.augmentation = augmentation
         self.generator = torch.Generator().manual_seed(seed)
@@ -204,7 +216,7 @@ class TrainBatches:
             sample_augmentation(self.batch_size, self.generator, self.augmentation)[self.share].pack()
             for _ in batch_indexes
         ])
-        choices = to_device(choices, self.device).split(len(range(self.batch_size)[self.share]))
+        choices = to_device(choices, self.device).split(self.share.stop - self.share.start)
         local = self.source.batches([index[self.share] for index in batch_indexes])
         for (images, masks), packed in zip(prefetched(local), choices, strict=True):
             yield apply_augmentation(images, masks, Choices.unpack(packed), self.image_size, self.mean, self.std)
@@ -235,3 +247,45 @@ class EvalBatches:
         for images, masks in self.source.batches(self.indexes.split(self.batch_size)):
             images = v2.functional.to_dtype(images, torch.float32, scale=True)
             yield normalize(images, self.mean, self.std), masks.float()
+
+
+def make_loaders(
+    args: argparse.Namespace, data_path: Path, device: torch.device, processes: Processes, batch_per_process: int,
+    reserve: int = 0,
+) -> tuple[TrainBatches, EvalBatches | DataLoader, int]:
+    """Train and valid batches, and the number of valid images. From the decode-once cache unless --no-cache,
+    or it would not fit in memory; either way the training augmentation runs on whole batches on `device`
+    (batches.TrainBatches). Each process gets its share of every training batch and of the valid images.
+    The cache serves batches from the GPU's memory when it fits there beside `reserve` bytes for training."""
+    augmentation = AUGMENTATIONS[args.augment]
+    datasets = {
+        split: load_dataset(data_path, split, args.image_size, args.skip_bad, augmentation)
+        for split in ("train", "valid")
+    }
+    sizes = {"train": crop_source_size(args.image_size, augmentation), "valid": args.image_size}
+    valid_share = processes.shard(len(datasets["valid"]))
+    needed = sum(cache_bytes(len(datasets[split]), size) for split, size in sizes.items()) * processes.local_world_size
+    # Rank 0 decides for all: processes that disagreed would wait for each other in different places.
+    use_cache = distributed.broadcast(not args.no_cache and processes.is_main and cache_fits_in_memory(needed))
+    if use_cache:
+        cached = distributed.first_on_each_machine(processes, lambda: {
+            split: load_or_build(data, sizes[split], args.cache_dir, args.num_workers)
+            for split, data in datasets.items()
+        })
+        cached = place_cache(cached, device, reserve)
+        train_source = cached["train"]
+        valid_loader = EvalBatches(cached["valid"], batch_per_process, device, IMAGENET_MEAN, IMAGENET_STD, valid_share)
+    else:
+        train_source = datasets["train"]
+        valid_loader = DataLoader(
+            Subset(datasets["valid"], valid_share),
+            batch_per_process,
+            num_workers=args.num_workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator(),  # evaluating must not draw from the global RNG
+        )
+    train_loader = TrainBatches(
+        train_source, batch_per_process, device, args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.seed,
+        args.num_workers, processes.rank, processes.world_size, augmentation,
+    )
+    return train_loader, valid_loader, len(datasets["valid"])

@@ -9,8 +9,9 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them nothing here talks t
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from itertools import chain
@@ -21,8 +22,6 @@ import torch.distributed as dist
 from torch import nn
 
 from devices import select_device
-
-# Long enough for one process to download the dataset (800 MB) or build the decode-once cache while
 from errors import PetsegError
 
 # Long enough for one process to download the dataset (800 MB) or build the decode-once cache while
@@ -247,3 +246,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
+
+@contextlib.contextmanager
+def quiet_unless(talks: bool) -> Iterator[None]:
+    """Silence a process that is not rank 0: one log and one set of progress bars per run.
+    Its errors still reach the terminal, through run_script, once the block is left."""
+    if talks:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        yield

@@ -60,3 +60,15 @@ def unused_path(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
     return candidate
+
+
+def make_run_dir(save_dir: Path, name: str) -> Path:
+    """A new folder for this run; an existing one (an earlier run's files) is never reused."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        run_dir = unused_path(save_dir / name)
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:  # another run took the name between the check and mkdir
+            continue

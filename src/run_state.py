@@ -1,4 +1,5 @@
-"""What a run's checkpoints hold and what --resume restores: in one place, so the two cannot drift apart.
+"""What trains and how it is kept: the Trainer built from the flags (make_trainer), what a run's checkpoints
+hold and what --resume restores, in one place, so the three cannot drift apart.
 
 best.pt and last.pt both hold everything inference needs (checkpoint_contents); last.pt also holds the
 training state (training_state), which --resume puts back (restore) after merge_resumed_flags has given
@@ -8,6 +9,7 @@ the run its saved recipe.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +19,9 @@ from torch import nn
 import checkpoint as ckpt
 import distributed
 from batches import TrainBatches
-from devices import restore_rng_states, rng_states
+from devices import fused_optimizer, needs_loss_scaling, restore_rng_states, rng_states
+from distributed import Processes
 from ema import MovingAverage
-
-# Flags that describe the machine rather than the experiment: --resume may change them.
 from errors import PetsegError, display_path
 from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
@@ -31,6 +32,8 @@ RESUMABLE_FLAGS = (
     "sync_bn", "compile", "deterministic", "resume",
 )
 PATH_FLAGS = ("data_path", "save_dir", "cache_dir")
+WARMUP_FRACTION = 0.1
+MIN_WARMUP_STEPS = 10
 
 
 @dataclass
@@ -57,6 +60,66 @@ class Progress:
     best_dice: float = -1.0
     best_epoch: int = 0
     finished_epoch: int = 0
+
+
+def make_trainer(
+    args: argparse.Namespace,
+    model: nn.Module,
+    loader: TrainBatches,
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+    resume_from: dict | None,
+) -> Trainer:
+    """The model as it trains (resumed weights, memory layout, moving average, DDP, compile), the optimiser,
+    the learning-rate schedule and the loss scaler."""
+    if resume_from is not None:
+        model.load_state_dict(raw_weights(resume_from))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = MovingAverage(model, args.ema) if args.ema else None
+    model = distributed.wrap(model, device, args.sync_bn)
+    if args.compile:
+        warn_if_compile_breaks_at_sync_bn(args, device)
+        model = torch.compile(model)  # after DDP wrapping, as torch's DDP notes advise
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+        fused=fused_optimizer(device) or None,
+    )
+    scheduler = make_scheduler(optimizer, args.learning_rate, args.epochs, len(loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(device, amp))
+    return Trainer(model, optimizer, scheduler, scaler, loader, ema)
+
+
+def warn_if_compile_breaks_at_sync_bn(args: argparse.Namespace, device: torch.device) -> None:
+    if device.type == "cuda" and args.sync_bn and distributed.active() and distributed.world_size() > 1:
+        print(
+            "warning: torch.compile breaks its graph at every SyncBatchNorm layer (pytorch/pytorch#161302), so "
+            "--compile may gain little here; compare with and without it, or pass --no-sync-bn.",
+            file=sys.stderr,
+        )
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, max_lr: float, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """One cycle: the learning rate warms up over the first 10% of the steps, then anneals.
+
+    A schedule too short to warm up gets a warning; under three steps (no warm-up fits) the rate
+    stays at max_lr, rather than OneCycleLR failing or leaving it near zero.
+    """
+    total = epochs * steps_per_epoch
+    warmup = max(2, round(WARMUP_FRACTION * total))  # OneCycleLR divides by (warm-up steps - 1)
+    if warmup < MIN_WARMUP_STEPS:
+        print(
+            f"warning: only {total} optimiser steps ({epochs} epoch(s) x {steps_per_epoch}); the learning rate "
+            f"warms up over {min(warmup, total)} of them, too few for a good model. Train for more epochs (-e) "
+            "or with a smaller batch (-b).",
+            file=sys.stderr,
+        )
+    if total < 3:
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=warmup / total)
 
 
 def plain(value: object) -> object:
@@ -186,3 +249,17 @@ def merge_resumed_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
             f"{display_path(resume_path.parent)} has finished (see its results.json); there is nothing to resume."
         )
     return args, resume_from
+
+
+def announce_resume(resume_from: dict, progress: Progress, run_dir: Path, processes: Processes) -> None:
+    print(
+        f"Resuming {display_path(run_dir)} after epoch {resume_from['epoch']} "
+        f"(best valid Dice {progress.best_dice:.4f} at epoch {progress.best_epoch})"
+    )
+    saved_processes = resume_from["args"].get("processes", 1)
+    if saved_processes != processes.world_size:
+        print(
+            f"note: the run was saved by {saved_processes} process(es) and continues with {processes.world_size}: "
+            "the same images and augmentation per step, but sums in another order, so not bit-identical.",
+            file=sys.stderr,
+        )

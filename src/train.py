@@ -4,9 +4,9 @@
     python src/train.py -n unet -e 100 -b 16
     python src/train.py --resume saved_models/RUN   # continue an interrupted run
 
-Each run gets its own folder in saved_models/: best.pt (best valid Dice), last.pt (the latest
-epoch, for --resume), history.csv, curves.png and, at the end, results.json with the test
-scores of best.pt. Every file is replaced atomically, so a crash leaves the previous one whole.
+Each run gets its own folder in saved_models/: best.pt (best valid Dice), last.pt (for --resume),
+history.csv, curves.png and, at the end, results.json with the test scores of best.pt. Every file
+is replaced atomically, so a crash leaves the previous one whole.
 
 The script reads top to bottom: the flags, main(), set_up() (data, model, optimiser, run folder),
 train() (the epoch loop, with train_one_epoch), test_best() and write_results().
@@ -19,7 +19,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 import signal
 import sys
 import time
@@ -30,53 +29,35 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checkpoint as ckpt
 import distributed
 import run_state
 import storage
-from batches import EvalBatches, TrainBatches, place_cache
-from cache import DEFAULT_CACHE_DIR, cache_bytes, cache_fits_in_memory, load_or_build
+from batches import EvalBatches, TrainBatches, make_loaders
+from cache import DEFAULT_CACHE_DIR
 from cli import argument_parser
-from devices import (
-    autocast,
-    configure_backends,
-    default_amp,
-    describe_precision,
-    fused_optimizer,
-    needs_loss_scaling,
-    seed_everything,
-)
-from distributed import Processes
+from devices import autocast, configure_backends, default_amp, describe_precision, seed_everything
+from distributed import Processes, quiet_unless
 from ema import MovingAverage
 from errors import PetsegError, display_path, run_script
 from evaluate import EvalResult, default_num_workers, eval_loader, evaluate, format_result
-from files import REPO_ROOT, atomic_write, unused_path
+from files import REPO_ROOT, atomic_write, make_run_dir
 from interrupts import sigint_deferred
-from losses import LOSSES, auxiliary_loss, build_loss
+from losses import LOSSES, Loss, auxiliary_loss, build_loss
 from models import MODEL_NAMES, build_model
 from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
 from models.stats import count_parameters, training_bytes
-from oxford_pet import (
-    AUGMENTATIONS,
-    DEFAULT_DATA_PATH,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    crop_source_size,
-    load_dataset,
-    prepare_dataset,
-)
+from oxford_pet import AUGMENTATIONS, DEFAULT_DATA_PATH, IMAGENET_MEAN, IMAGENET_STD, prepare_dataset
 from plots import plot_learning_curves
-from run_state import Progress, Trainer
+from run_state import Progress, Trainer, announce_resume, make_trainer
 from utils import logits_to_mask, per_image_dice
 
 HISTORY_FIELDS = (
     "epoch", "lr", "train_loss", "train_dice", "valid_loss", "valid_dice", "valid_dataset_dice", "valid_iou", "seconds",
 )
-WARMUP_FRACTION = 0.1
-MIN_WARMUP_STEPS = 10
 # Steps between reads of the loss on the host: each read waits for the GPU to finish all it was given.
 READ_EVERY = 25
 
@@ -296,11 +277,12 @@ class Run:
     processes: Processes
     device: torch.device
     amp: bool
+    batch_per_process: int  # this process's share of -b: computed once, here
     data_path: Path
     run_dir: Path
     trainer: Trainer
     valid_loader: EvalBatches | DataLoader
-    loss_fn: nn.Module
+    loss_fn: Loss
     progress: Progress
 
 
@@ -333,17 +315,6 @@ def stopped_by_sigterm() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-@contextlib.contextmanager
-def quiet_unless(talks: bool) -> Iterator[None]:
-    """Silence a process that is not rank 0: one log and one set of progress bars per run.
-    Its errors still reach the terminal, through run_script, once the block is left."""
-    if talks:
-        yield
-        return
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
-        yield
-
-
 # ----------------------------------------------------------------------------- set up
 
 
@@ -363,7 +334,7 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
     parameters = count_parameters(model)
     reserve = training_bytes(args.network, args.image_size, per_process, amp, parameters)
     reserve += 4 * parameters if args.ema else 0
-    train_loader, valid_loader, n_valid = make_loaders(args, data_path, device, processes, reserve)
+    train_loader, valid_loader, n_valid = make_loaders(args, data_path, device, processes, per_process, reserve)
     if len(train_loader) == 0:
         raise PetsegError(
             f"-b/--batch_size {args.batch_size} is larger than the {train_loader.n_images} training images."
@@ -379,138 +350,10 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
         progress = run_state.restore(resume_from, trainer)
         announce_resume(resume_from, progress, run_dir, processes)
     args.processes = processes.world_size
-    run = Run(args, processes, device, amp, data_path, run_dir, trainer, valid_loader,
+    run = Run(args, processes, device, amp, per_process, data_path, run_dir, trainer, valid_loader,
               build_loss(args.loss), progress)
     print(start_line(run, n_valid, channels_last, train_loader.cached))
     return run
-
-
-def make_loaders(
-    args: argparse.Namespace, data_path: Path, device: torch.device, processes: Processes, reserve: int = 0
-) -> tuple:
-    """Train and valid batches, and the number of valid images. From the decode-once cache unless --no-cache,
-    or it would not fit in memory; either way the training augmentation runs on whole batches on `device`
-    (batches.TrainBatches). Each process gets its share of every training batch and of the valid images.
-    The cache serves batches from the GPU's memory when it fits there beside `reserve` bytes for training."""
-    augmentation = AUGMENTATIONS[args.augment]
-    datasets = {
-        split: load_dataset(data_path, split, args.image_size, args.skip_bad, augmentation)
-        for split in ("train", "valid")
-    }
-    sizes = {"train": crop_source_size(args.image_size, augmentation), "valid": args.image_size}
-    per_process = args.batch_size // processes.world_size
-    valid_share = processes.shard(len(datasets["valid"]))
-    needed = sum(cache_bytes(len(datasets[split]), size) for split, size in sizes.items()) * processes.local_world_size
-    # Rank 0 decides for all: processes that disagreed would wait for each other in different places.
-    use_cache = distributed.broadcast(not args.no_cache and processes.is_main and cache_fits_in_memory(needed))
-    if use_cache:
-        cached = distributed.first_on_each_machine(processes, lambda: {
-            split: load_or_build(data, sizes[split], args.cache_dir, args.num_workers)
-            for split, data in datasets.items()
-        })
-        cached = place_cache(cached, device, reserve)
-        train_source = cached["train"]
-        valid_loader = EvalBatches(cached["valid"], per_process, device, IMAGENET_MEAN, IMAGENET_STD, valid_share)
-    else:
-        train_source = datasets["train"]
-        valid_loader = DataLoader(
-            Subset(datasets["valid"], valid_share),
-            per_process,
-            num_workers=args.num_workers,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator(),  # evaluating must not draw from the global RNG
-        )
-    train_loader = TrainBatches(
-        train_source, args.batch_size, device, args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.seed,
-        args.num_workers, processes.rank, processes.world_size, augmentation,
-    )
-    return train_loader, valid_loader, len(datasets["valid"])
-
-
-def make_trainer(
-    args: argparse.Namespace,
-    model: nn.Module,
-    loader: TrainBatches,
-    device: torch.device,
-    amp: bool,
-    channels_last: bool,
-    resume_from: dict | None,
-) -> Trainer:
-    """The model as it trains (resumed weights, memory layout, moving average, DDP, compile), the optimiser,
-    the learning-rate schedule and the loss scaler."""
-    if resume_from is not None:
-        model.load_state_dict(run_state.raw_weights(resume_from))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = MovingAverage(model, args.ema) if args.ema else None
-    model = distributed.wrap(model, device, args.sync_bn)
-    if args.compile:
-        warn_if_compile_breaks_at_sync_bn(args, device)
-        model = torch.compile(model)  # after DDP wrapping, as torch's DDP notes advise
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-        fused=fused_optimizer(device) or None,
-    )
-    scheduler = make_scheduler(optimizer, args.learning_rate, args.epochs, len(loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(device, amp))
-    return Trainer(model, optimizer, scheduler, scaler, loader, ema)
-
-
-def warn_if_compile_breaks_at_sync_bn(args: argparse.Namespace, device: torch.device) -> None:
-    if device.type == "cuda" and args.sync_bn and distributed.active() and distributed.world_size() > 1:
-        print(
-            "warning: torch.compile breaks its graph at every SyncBatchNorm layer (pytorch/pytorch#161302), so "
-            "--compile may gain little here; compare with and without it, or pass --no-sync-bn.",
-            file=sys.stderr,
-        )
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, max_lr: float, epochs: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """One cycle: the learning rate warms up over the first 10% of the steps, then anneals.
-
-    A schedule too short to warm up gets a warning; under three steps (no warm-up fits) the rate
-    stays at max_lr, rather than OneCycleLR failing or leaving it near zero.
-    """
-    total = epochs * steps_per_epoch
-    warmup = max(2, round(WARMUP_FRACTION * total))  # OneCycleLR divides by (warm-up steps - 1)
-    if warmup < MIN_WARMUP_STEPS:
-        print(
-            f"warning: only {total} optimiser steps ({epochs} epoch(s) x {steps_per_epoch}); the learning rate "
-            f"warms up over {min(warmup, total)} of them, too few for a good model. Train for more epochs (-e) "
-            "or with a smaller batch (-b).",
-            file=sys.stderr,
-        )
-    if total < 3:
-        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=warmup / total)
-
-
-def make_run_dir(save_dir: Path, name: str) -> Path:
-    """A new folder for this run; an existing one (an earlier run's files) is never reused."""
-    save_dir.mkdir(parents=True, exist_ok=True)
-    while True:
-        run_dir = unused_path(save_dir / name)
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:  # another run took the name between the check and mkdir
-            continue
-
-
-def announce_resume(resume_from: dict, progress: Progress, run_dir: Path, processes: Processes) -> None:
-    print(
-        f"Resuming {display_path(run_dir)} after epoch {resume_from['epoch']} "
-        f"(best valid Dice {progress.best_dice:.4f} at epoch {progress.best_epoch})"
-    )
-    saved_processes = resume_from["args"].get("processes", 1)
-    if saved_processes != processes.world_size:
-        print(
-            f"note: the run was saved by {saved_processes} process(es) and continues with {processes.world_size}: "
-            "the same images and augmentation per step, but sums in another order, so not bit-identical.",
-            file=sys.stderr,
-        )
 
 
 def start_line(run: Run, n_valid: int, channels_last: bool, cached: bool) -> str:
@@ -518,7 +361,7 @@ def start_line(run: Run, n_valid: int, channels_last: bool, cached: bool) -> str
     n_params = count_parameters(run.trainer.model)
     batch = f"batch {args.batch_size}"
     if processes.launched:
-        batch = f"global {batch} = {processes.world_size} processes x {args.batch_size // processes.world_size}"
+        batch = f"global {batch} = {processes.world_size} processes x {run.batch_per_process}"
     return (
         f"{args.network} ({n_params / 1e6:.1f}M parameters) on {run.device}, {describe_precision(run.device, run.amp)}"
         f"{', channels-last' if channels_last else ''}{', deterministic' if args.deterministic else ''}, {batch}; "
@@ -579,7 +422,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
-    loss_fn: nn.Module,
+    loss_fn: Loss,
     device: torch.device,
     amp: bool,
     desc: str,
@@ -713,7 +556,7 @@ def test_best(run: Run) -> EvalResult:
     distributed.barrier()  # best.pt is written
     run.trainer.validated().load_state_dict(ckpt.load_checkpoint(run.run_dir / ckpt.BEST_NAME)["model_state"])
     test_loader = eval_loader(
-        run.data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.batch_size // processes.world_size,
+        run.data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, run.batch_per_process,
         args.num_workers, run.device, skip_bad=args.skip_bad, original_masks=True, shard=processes.shard,
     )
     return evaluate(run.trainer.validated(), test_loader, run.device, amp=run.amp, loss_fn=run.loss_fn, desc="test")

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
+import batches
 import train
 from augment import augment_batch, sample_augmentation, sample_crops
 from batches import EvalBatches
@@ -143,7 +144,7 @@ def test_the_augment_flag_reaches_the_cache_and_the_batches(synthetic_pets: Path
         "--data_path", str(synthetic_pets), "-b", "8", "--image-size", "32", "--num-workers", "0",
         "--augment", "light", "--cache-dir", str(tmp_path),
     ])
-    train_loader, _, _ = train.make_loaders(args, synthetic_pets, CPU, Processes())
+    train_loader, _, _ = batches.make_loaders(args, synthetic_pets, CPU, Processes(), 8)
     light_source = crop_source_size(32, AUGMENTATIONS["light"])
     assert light_source < crop_source_size(32)
     assert any(f"-train-{light_source}-" in path.name for path in tmp_path.iterdir())

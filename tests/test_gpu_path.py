@@ -18,6 +18,7 @@ import batches
 import devices
 import errors
 import losses
+import run_state
 import train
 from batches import TrainBatches, place_cache, prefetched
 from cache import CachedSplit
@@ -150,7 +151,7 @@ def count_one_epoch(
     devices.device_constant.cache_clear()
     loader = TrainBatches(synthetic_split(2 * steps, 24), 2, CPU, 16, IMAGENET_MEAN, IMAGENET_STD)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = train.make_scheduler(optimizer, 1e-3, 10, len(loader))
+    scheduler = run_state.make_scheduler(optimizer, 1e-3, 10, len(loader))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     average = train.MovingAverage(model, 0.99) if ema else None
     with HostSyncCounter([SRC]) as counter:
@@ -240,10 +241,10 @@ def test_compile_with_sync_batch_norm_under_torchrun_warns(
     args, _ = train.parse_args(["--compile"])
     monkeypatch.setattr(train.distributed, "active", lambda: True)
     monkeypatch.setattr(train.distributed, "world_size", lambda: 4)
-    train.warn_if_compile_breaks_at_sync_bn(args, CUDA)
+    run_state.warn_if_compile_breaks_at_sync_bn(args, CUDA)
     assert "161302" in capsys.readouterr().err
-    train.warn_if_compile_breaks_at_sync_bn(train.parse_args(["--compile", "--no-sync-bn"])[0], CUDA)
-    train.warn_if_compile_breaks_at_sync_bn(args, CPU)
+    run_state.warn_if_compile_breaks_at_sync_bn(train.parse_args(["--compile", "--no-sync-bn"])[0], CUDA)
+    run_state.warn_if_compile_breaks_at_sync_bn(args, CPU)
     assert capsys.readouterr().err == ""
 
 
@@ -309,7 +310,7 @@ class Reserved(Exception):
 
 
 def test_training_reserves_the_networks_footprint_for_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    def loaders(args, data_path, device, processes, reserve):
+    def loaders(args, data_path, device, processes, batch_per_process, reserve):
         raise Reserved(reserve)
 
     monkeypatch.setattr(train, "prepare_dataset", lambda *args, **kwargs: Path("."))
@@ -352,7 +353,7 @@ def synchronizations_in_one_epoch(split: CachedSplit, steps: int) -> list[str]:
     model = TinyNet().to(CUDA, memory_format=torch.channels_last)
     loader = TrainBatches(split, 2, CUDA, 16, IMAGENET_MEAN, IMAGENET_STD)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    scheduler = train.make_scheduler(optimizer, 1e-3, 10, len(loader))
+    scheduler = run_state.make_scheduler(optimizer, 1e-3, 10, len(loader))
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     args = (model, loader, optimizer, scheduler, scaler, losses.bce_dice, CUDA, True, "t")
     train.train_one_epoch(*args)  # warm-up: the allocators' first blocks, cuDNN's choices

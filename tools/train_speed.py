@@ -138,7 +138,7 @@ def make_training(name: str, device: torch.device, setup: Setup, loader: Sized) 
     flags = default_flags(name)
     flags.compile = setup.compiled
     model = build_model(name, **run_state.model_kwargs(flags)).to(device)
-    trainer = train.make_trainer(flags, model, loader, device, setup.amp, device.type == "cuda", resume_from=None)
+    trainer = run_state.make_trainer(flags, model, loader, device, setup.amp, device.type == "cuda", resume_from=None)
     return Training(trainer, losses.build_loss(flags.loss), device, setup.amp)
 
 
