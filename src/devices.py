@@ -164,6 +164,15 @@ def device_constant(values: tuple[float, ...], device: torch.device) -> torch.Te
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
+def read_once(floats: torch.Tensor, ints: torch.Tensor) -> tuple[list[float], list[int]]:
+    """float32 and int64 values on a device, read on the host in one copy (one wait for the GPU): the floats
+    travel as their bit patterns beside the integers, so both arrive exact."""
+    bits = floats.float().flatten().view(torch.int32).to(torch.int64)
+    values = torch.cat([bits, ints.flatten().to(torch.int64)]).tolist()
+    n_floats = bits.numel()
+    return np.array(values[:n_floats], dtype=np.int32).view(np.float32).tolist(), values[n_floats:]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

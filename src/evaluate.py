@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, astuple, dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,10 +23,16 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import distributed
 from cli import argument_parser
-from devices import autocast, default_amp, non_blocking, select_device
+from devices import autocast, default_amp, non_blocking, read_once, select_device
 from errors import PetsegError, display_path, run_script
 from oxford_pet import DEFAULT_DATA_PATH, SPLITS, OxfordPetSegmentation, build_transform, prepare_dataset
 from utils import logits_to_mask, per_image_dice
+
+
+def pixel_counts(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Intersection, union, predicted and true pixels of boolean masks, as an int64 tensor on their device:
+    counted exactly, and summed there without the host waiting."""
+    return torch.stack([(pred & gt).sum(), (pred | gt).sum(), pred.sum(), gt.sum()])
 
 
 @dataclass
@@ -36,12 +43,6 @@ class PooledPixels:
     union: int = 0
     predicted: int = 0
     truth: int = 0
-
-    def add(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
-        self.intersection += (pred & gt).sum().item()
-        self.union += (pred | gt).sum().item()
-        self.predicted += pred.sum().item()
-        self.truth += gt.sum().item()
 
     @property
     def dice(self) -> float:
@@ -147,20 +148,17 @@ def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def score_at_original_size(
-    logits: torch.Tensor, original_mask: torch.Tensor, pooled: PooledPixels
-) -> OriginalSizeScore:
-    """Score one image's logits (1, h, w) against its mask (1, H, W) at the mask's own size; adds to `pooled`."""
+def counts_at_original_size(logits: torch.Tensor, original_mask: torch.Tensor) -> torch.Tensor:
+    """pixel_counts of one image's logits (1, h, w) resized to its mask (1, H, W), at the mask's own size."""
     pred = logits_to_mask(resize_logits(logits[None], original_mask.shape[-2:]))[0]
-    gt = original_mask.bool()
-    pooled.add(pred, gt)
-    return OriginalSizeScore(
-        height=gt.shape[-2],
-        width=gt.shape[-1],
-        pet_pixels=int(gt.sum()),
-        predicted_pixels=int(pred.sum()),
-        dice=per_image_dice(pred[None], gt[None]).item(),
-    )
+    return pixel_counts(pred, original_mask.bool())
+
+
+def original_size_score(counts: list[int], height: int, width: int) -> OriginalSizeScore:
+    """One image's score at its own size from its pixel_counts: Dice as utils.per_image_dice defines it."""
+    intersection, _, predicted, truth = counts
+    dice = 2 * intersection / (predicted + truth) if predicted + truth else 1.0
+    return OriginalSizeScore(height, width, pet_pixels=truth, predicted_pixels=predicted, dice=dice)
 
 
 @contextlib.contextmanager
@@ -190,43 +188,50 @@ def evaluate(
     ones (eval_loader(original_masks=True)) to also score each image at its own size.
     The loss is NaN when no loss_fn is given."""
     model.eval()
-    # Summed on the device and read once at the end: a read per batch would make the host wait for the GPU.
-    losses = []
-    counts = torch.zeros(4, dtype=torch.int64, device=device)  # PooledPixels' intersection, union, predicted, truth
-    pooled_original = PooledPixels()
-    dices, originals, image_size = [], [], None
+    # Kept on the device and read once at the end: a read per batch would make the host wait for the GPU.
+    loss_sum = torch.zeros((), device=device)
+    counts = torch.zeros(4, dtype=torch.int64, device=device)  # pixel_counts at the model's size, summed
+    dices, original_counts, original_sizes, image_size = [], [], [], None
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         images = batch[0].to(device, non_blocking=non_blocking(device))
         masks = batch[1].to(device, non_blocking=non_blocking(device))
         logits = predict_logits(model, images, amp, tta)
         image_size = tuple(images.shape[-2:])
         if loss_fn is not None:
-            losses.append(loss_fn(logits, masks) * len(images))
+            loss_sum += loss_fn(logits, masks) * len(images)
         pred, gt = logits_to_mask(logits), masks.bool()
         dices.append(per_image_dice(pred, gt))
-        counts += torch.stack([(pred & gt).sum(), (pred | gt).sum(), pred.sum(), gt.sum()])
-        if len(batch) == 3:
-            originals += [
-                score_at_original_size(logit, original.to(device), pooled_original)
-                for logit, original in zip(logits, batch[2], strict=True)
-            ]
-    # Under torchrun each process scored its own share of the images: pool them, each image once.
-    # A process may hold no image (more processes than images); it still joins every gathering.
-    local_dices = torch.cat(dices).tolist() if dices else []
-    per_image = torch.tensor(distributed.concat_across(local_dices))
+        counts += pixel_counts(pred, gt)
+        for logit, original in zip(logits, batch[2] if len(batch) == 3 else [], strict=False):
+            original_counts.append(counts_at_original_size(logit, original.to(device)))
+            original_sizes.append(tuple(original.shape[-2:]))
+    floats, ints = read_once(torch.cat([*dices, loss_sum[None]]), torch.cat([counts, *original_counts]))
+    return pooled_result(floats, ints, original_sizes, image_size, loss_fn is not None, tta)
+
+
+def pooled_result(
+    floats: list[float], ints: list[int], original_sizes: list[tuple[int, int]], image_size: tuple[int, int] | None,
+    has_loss: bool, tta: bool,
+) -> EvalResult:
+    """The EvalResult of all processes' scores (read_once's lists: per-image Dice then the loss sum; the model-size
+    pixel counts then each image's at its own size). Under torchrun each process scored its own share of the
+    images: they are pooled, each image once. A process may hold no image; it still joins every gathering."""
+    per_image = distributed.concat_across(floats[:-1])
+    originals = distributed.concat_across([
+        original_size_score(ints[4 + 4 * i: 8 + 4 * i], *size) for i, size in enumerate(original_sizes)
+    ])
     image_size = next(size for size in distributed.concat_across([image_size]) if size is not None)
-    originals = distributed.concat_across(originals)
-    loss_sum = distributed.sum_across([sum(torch.stack(losses).tolist()) if losses else 0.0])[0]
-    pooled, pooled_original = (
-        PooledPixels(*map(round, distributed.sum_across(values)))
-        for values in (counts.tolist(), astuple(pooled_original))
-    )
+    loss_sum, *pooled = distributed.sum_across([floats[-1], *ints[:4]])
+    pooled = PooledPixels(*map(round, pooled))
+    pooled_original = PooledPixels(*map(round, distributed.sum_across(
+        [sum(ints[4 + k::4]) for k in range(4)]
+    )))
     return EvalResult(
-        loss=loss_sum / len(per_image) if loss_fn is not None else float("nan"),
-        dice=per_image.mean().item(),
+        loss=loss_sum / len(per_image) if has_loss else float("nan"),
+        dice=statistics.fmean(per_image),
         dataset_dice=pooled.dice,
         dataset_iou=pooled.iou,
-        per_image_dice=per_image.tolist(),
+        per_image_dice=per_image,
         image_size=image_size,
         tta=tta,
         dice_original=sum(score.dice for score in originals) / len(originals) if originals else None,

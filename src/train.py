@@ -459,22 +459,21 @@ def train_one_epoch(
                 sums += torch.stack([loss * len(images), dice])
                 first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(loss), step, first_bad_step)
             seen += len(images)
-            if step % READ_EVERY == 0 or step == steps:
-                loss_sum = read_on_host(sums, first_bad_step, step)
-                progress.set_postfix(loss=f"{loss_sum / seen:.4f}")
+            if step % READ_EVERY == 0 and step < steps:
+                progress.set_postfix(loss=f"{read_on_host(sums, first_bad_step, step)[0] / seen:.4f}")
             progress.update()
-    loss_sum, dice_sum, seen = distributed.sum_across([*sums.tolist(), seen])
+    loss_sum, dice_sum, seen = distributed.sum_across([*read_on_host(sums, first_bad_step, steps), seen])
     return {"loss": loss_sum / seen, "dice": dice_sum / seen}
 
 
-def read_on_host(sums: torch.Tensor, first_bad_step: torch.Tensor, step: int) -> float:
-    """This process's loss sum so far, read with the first non-finite step of any process (one wait for the
-    GPU); raises NonFiniteLoss if there was one."""
+def read_on_host(sums: torch.Tensor, first_bad_step: torch.Tensor, step: int) -> list[float]:
+    """This process's loss and Dice sums so far, read with the first non-finite step of any process (one wait
+    for the GPU); raises NonFiniteLoss if there was one."""
     bad = distributed.min_across(torch.where(first_bad_step > 0, first_bad_step, float("inf")))
-    loss_sum, bad_step = torch.stack([sums[0], bad]).tolist()
+    *sums, bad_step = torch.cat([sums, bad[None]]).tolist()
     if bad_step != float("inf"):
         raise NonFiniteLoss(int(bad_step), step)
-    return loss_sum
+    return sums
 
 
 def save_epoch(run: Run, epoch: int, valid_dice: float, improved: bool) -> None:

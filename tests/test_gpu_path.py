@@ -22,6 +22,7 @@ import run_state
 import train
 from batches import TrainBatches, place_cache, prefetched
 from cache import CachedSplit
+from evaluate import evaluate
 from host_syncs import HostSyncCounter
 from models import build_model
 from models.stats import SAVED_MIB_PER_IMAGE_256, count_saved_bytes
@@ -165,11 +166,20 @@ def test_the_training_loop_waits_for_the_gpu_at_most_once_per_25_steps_and_copie
 ) -> None:
     steps = 100
     counter = count_one_epoch(TinyNet(), steps, monkeypatch, ema=True)
-    per_epoch = 3  # the epoch's last read and its totals
+    per_epoch = 1  # the epoch's totals, read with its last check for a diverged loss
     assert counter.syncs <= steps // train.READ_EVERY + per_epoch, counter.sites
     # From a cache on the training device: the pass's order and augmentation travel once, and the constants of
     # the augmentation and normalisation are made once per device; nothing travels per step.
     assert counter.transfers <= 2 + 3, counter.sites
+
+
+def test_validation_reads_its_scores_once_per_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batches, "prefetched", iter)
+    valid = batches.EvalBatches(synthetic_split(20, 16), 4, CPU, IMAGENET_MEAN, IMAGENET_STD)
+    with HostSyncCounter([SRC]) as counter:
+        result = evaluate(TinyNet(), valid, CPU, loss_fn=losses.bce_dice)
+    assert len(valid) == 5 and len(result.per_image_dice) == 20
+    assert counter.syncs == 1, counter.sites
 
 
 @pytest.mark.parametrize("network", ["unet", "resnet34_unet"])
