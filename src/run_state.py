@@ -29,7 +29,7 @@ from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
 # Flags that describe the machine rather than the experiment: --resume may change them.
 RESUMABLE_FLAGS = (
     "data_path", "no_download", "skip_bad", "no_cache", "cache_dir", "device", "num_workers", "channels_last",
-    "sync_bn", "compile", "deterministic", "resume",
+    "sync_bn", "compile", "deterministic", "save_every", "resume",
 )
 PATH_FLAGS = ("data_path", "save_dir", "cache_dir")
 WARMUP_FRACTION = 0.1

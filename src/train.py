@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import json
 import signal
 import sys
@@ -25,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ import distributed
 import run_state
 import storage
 from batches import EvalBatches, TrainBatches, make_loaders
+from bookkeeping import DEFAULT_SAVE_EVERY, Bookkeeper
 from cache import DEFAULT_CACHE_DIR
 from cli import argument_parser
 from devices import autocast, configure_backends, default_amp, describe_precision, seed_everything
@@ -55,9 +55,6 @@ from plots import plot_learning_curves
 from run_state import Progress, Trainer, announce_resume, make_trainer
 from utils import logits_to_mask, per_image_dice
 
-HISTORY_FIELDS = (
-    "epoch", "lr", "train_loss", "train_dice", "valid_loss", "valid_dice", "valid_dataset_dice", "valid_iou", "seconds",
-)
 # Steps between reads of the loss on the host: each read waits for the GPU to finish all it was given.
 READ_EVERY = 25
 
@@ -81,6 +78,14 @@ def non_negative(text: str) -> int:
     """argparse type: a whole number >= 0."""
     value = int(text)
     if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    value = float(text)
+    if not value >= 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
@@ -231,6 +236,11 @@ def add_run_flags(run: argparse._ArgumentGroup) -> None:
         "--run-name", default=None, help="name of the run's folder (default: NETWORK_DATE-TIME); never reused"
     )
     run.add_argument(
+        "--save-every", "--save_every", type=non_negative_float, default=DEFAULT_SAVE_EVERY, metavar="SECONDS",
+        help="write last.pt (for --resume) and curves.png at most this often; also after the first epoch, at the end "
+        "and on Ctrl-C. A killed run loses at most this much training; 0 writes them every epoch",
+    )
+    run.add_argument(
         "--resume", type=Path, default=None,
         help="continue a run from its last.pt (or its folder) with everything restored; only the data and machine "
         "flags may change",
@@ -284,6 +294,7 @@ class Run:
     valid_loader: EvalBatches | DataLoader
     loss_fn: Loss
     progress: Progress
+    keeper: Bookkeeper  # history.csv, best.pt, last.pt and curves.png, written as bookkeeping.py says
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with stopped_by_sigterm(), quiet_unless(processes.is_main):
             run = set_up(args, resume_from, device, processes)
-            with explained_stops(run):
+            with run.keeper, explained_stops(run):
                 train(run)
                 test = test_best(run)
             write_results(run, test)
@@ -350,8 +361,9 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
         progress = run_state.restore(resume_from, trainer)
         announce_resume(resume_from, progress, run_dir, processes)
     args.processes = processes.world_size
+    keeper = Bookkeeper(run_dir, device, args.save_every, processes.is_main, saved_epoch=progress.finished_epoch)
     run = Run(args, processes, device, amp, per_process, data_path, run_dir, trainer, valid_loader,
-              build_loss(args.loss), progress)
+              build_loss(args.loss), progress, keeper)
     print(start_line(run, n_valid, channels_last, train_loader.cached))
     return run
 
@@ -403,11 +415,14 @@ def train(run: Run) -> None:
             f"valid loss {valid.loss:.4f} dice {valid.dice:.4f}  {progress.history[-1]['seconds']:.1f}s"
             f"{'  *best' if improved else ''}"
         )
-        resume_command = run.processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
-        with sigint_deferred(), storage.write_failures_explained(run.run_dir, resume_command):
-            if run.processes.is_main:
-                save_epoch(run, epoch, valid.dice, improved)
+        with sigint_deferred(), write_failures_explained(run):
+            run.keeper.after_epoch(
+                epoch, progress.history, improved, partial(checkpoint_contents, run, epoch, valid.dice),
+                partial(draw_curves, run),
+            )
             progress.finished_epoch = epoch
+    with sigint_deferred(), write_failures_explained(run):
+        run.keeper.save_latest(partial(draw_curves, run))
 
 
 class NonFiniteLoss(Exception):
@@ -476,30 +491,31 @@ def read_on_host(sums: torch.Tensor, first_bad_step: torch.Tensor, step: int) ->
     return sums
 
 
-def save_epoch(run: Run, epoch: int, valid_dice: float, improved: bool) -> None:
-    """history.csv, curves.png, best.pt when the valid Dice improved, then last.pt (rank 0 alone)."""
-    history = run.progress.history
-    write_history(history, run.run_dir / "history.csv")
+def checkpoint_contents(run: Run, epoch: int, valid_dice: float) -> dict:
+    """What last.pt holds at the end of `epoch`: the weights and all --resume needs (best.pt: without "training")."""
+    contents = run_state.checkpoint_contents(run.args, run.trainer.validated(), epoch, valid_dice, run.amp)
+    return {**contents, "training": run_state.training_state(run.trainer, run.progress)}
+
+
+def draw_curves(run: Run) -> None:
+    if not run.progress.history:
+        return  # stopped before the first epoch ended
     plot_learning_curves(
-        [(run.run_dir.name, history)], run.run_dir / "curves.png",
+        [(run.run_dir.name, run.progress.history)], run.run_dir / "curves.png",
         title=f"{run.args.network}: train (dashed) and valid (solid)",
     )
-    contents = run_state.checkpoint_contents(run.args, run.trainer.validated(), epoch, valid_dice, run.amp)
-    # best before last: a crash between the two resumes from the older last.pt, which redoes this epoch.
-    if improved:
-        ckpt.save_checkpoint(run.run_dir / ckpt.BEST_NAME, **contents)
-    ckpt.save_checkpoint(
-        run.run_dir / ckpt.LAST_NAME, **contents, training=run_state.training_state(run.trainer, run.progress)
-    )
 
 
-def write_history(history: list[dict], path: Path) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
-    writer.writeheader()
-    writer.writerows(history)
-    with atomic_write(path, "w") as file:
-        file.write(text.getvalue())
+def write_failures_explained(run: Run) -> contextlib.AbstractContextManager:
+    """A failed write of the run's files becomes one message saying what is kept and how to resume."""
+    resume_command = run.processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
+    return storage.write_failures_explained(run.run_dir, resume_command)
+
+
+def save_before_stopping(run: Run) -> int:
+    """Before a stop we control: last.pt of the latest finished epoch (returns which) and the figure."""
+    with sigint_deferred(), write_failures_explained(run):
+        return run.keeper.save_latest(lambda: draw_curves(run))
 
 
 @contextlib.contextmanager
@@ -514,10 +530,11 @@ def explained_stops(run: Run) -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("\nInterrupted.", file=sys.stderr)
-        if progress.finished_epoch:
+        saved_epoch = save_before_stopping(run)
+        if saved_epoch:
             command = processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
             print(
-                f"{display_path(run.run_dir / ckpt.LAST_NAME)} holds the end of epoch {progress.finished_epoch}; "
+                f"{display_path(run.run_dir / ckpt.LAST_NAME)} holds the end of epoch {saved_epoch}; "
                 f"continue with:\n  {command}",
                 file=sys.stderr,
             )
@@ -527,15 +544,20 @@ def explained_stops(run: Run) -> Iterator[None]:
                 run.run_dir.rmdir()
         sys.exit(130)
     except NonFiniteLoss as error:
+        save_before_stopping(run)
         if not processes.is_main:
             sys.exit(1)  # every process stopped at the same step; rank 0 says why
+        kept = (
+            f"The best checkpoint so far (epoch {progress.best_epoch}) is kept in {display_path(run.run_dir)}."
+            if progress.best_epoch else "No epoch had finished, so no checkpoint was written."
+        )
         raise PetsegError(
             f"the training loss became NaN or infinite at epoch {progress.finished_epoch + 1}, step {error.step} "
             f"(seen at step {error.noticed_at}: the loss is read every {READ_EVERY} steps): the run diverged. "
-            f"Try a lower -lr (this run used {args.learning_rate:g}) or --no-amp. The best checkpoint so far "
-            f"(epoch {progress.best_epoch}) is kept in {display_path(run.run_dir)}."
+            f"Try a lower -lr (this run used {args.learning_rate:g}) or --no-amp. {kept}"
         ) from error
     except torch.cuda.OutOfMemoryError as error:
+        save_before_stopping(run)
         cache_on_gpu = run.trainer.loader.cache_device.type == "cuda"
         raise PetsegError(
             f"the GPU ran out of memory with -b {args.batch_size} at --image-size {args.image_size} ({args.network}). "

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import bookkeeping
 import checkpoint as ckpt
 import train
-from conftest import train_with_ctrl_c_in_epoch_2
 from files import atomic_write
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -38,22 +38,50 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(state_a[key], state_b[key]), f"{key} differs"
 
 
-def test_interrupted_and_resumed_run_ends_bit_identical(
+def test_last_pt_is_written_by_time_at_the_end_and_on_ctrl_c_and_a_resume_from_it_is_exact(
     synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """At the default --save-every (60 s), with epochs of 20 s on a fake clock: last.pt after epoch 1, then once
+    60 s have passed since (epoch 4), and at the end; on Ctrl-C, the latest finished epoch. The resumed run
+    ends bit-identical to one that was never stopped."""
+    now, written = [0.0], []
+    real_epoch, real_save = train.train_one_epoch, ckpt.save_checkpoint
+
+    def twenty_seconds(*args, **kwargs):
+        now[0] += 20
+        return real_epoch(*args, **kwargs)
+
+    def ctrl_c_in_epoch_4(*args, **kwargs):
+        if now[0] == 60:
+            raise KeyboardInterrupt
+        return twenty_seconds(*args, **kwargs)
+
+    def save(path: Path, **contents) -> None:
+        if "training" in contents:
+            written.append((path.parent.name, contents["epoch"]))
+        real_save(path, **contents)
+
+    monkeypatch.setattr(bookkeeping, "clock", lambda: now[0])
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    monkeypatch.setattr(train, "train_one_epoch", twenty_seconds)
     # A cache of its own: the first run builds it, the others load it, and that must not matter.
     common = [
-        "--data_path", str(synthetic_pets), "-e", "2", *FAST,
+        "--data_path", str(synthetic_pets), "-e", "5", *FAST,
         "--save-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
     ]
     train.main([*common, "--run-name", "straight"])
+    assert written == [("straight", 1), ("straight", 4), ("straight", 5)]
 
-    assert train_with_ctrl_c_in_epoch_2(monkeypatch, [*common, "--run-name", "interrupted"]) == 130
+    now[0] = 0.0
+    monkeypatch.setattr(train, "train_one_epoch", ctrl_c_in_epoch_4)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*common, "--run-name", "interrupted"])
+    assert exit_info.value.code == 130 and written[3:] == [("interrupted", 1), ("interrupted", 3)]
     assert not (tmp_path / "interrupted" / "results.json").exists()
-    assert torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)["epoch"] == 1
 
+    monkeypatch.setattr(train, "train_one_epoch", twenty_seconds)
     train.main(["--resume", str(tmp_path / "interrupted")])
-
+    assert written[5:] == [("interrupted", 5)]
     straight, resumed = tmp_path / "straight", tmp_path / "interrupted"
     assert_same_weights(straight / "last.pt", resumed / "last.pt")
     assert_same_weights(straight / "best.pt", resumed / "best.pt")

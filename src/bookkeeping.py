@@ -1,0 +1,154 @@
+"""What a run keeps after each epoch, without holding training up.
+
+history.csv every epoch (cheap); best.pt whenever the valid Dice improves (the weights alone); last.pt
+(weights, optimiser, schedule, random states: everything --resume needs) after the first epoch, then
+at most once per --save-every seconds, at the end and at every stop we control (Ctrl-C, SIGTERM, a
+diverged loss); curves.png by the same clock and at the end. A SIGKILL or a power cut loses at most
+one interval of training.
+
+The checkpoints are written by a thread of their own from a copy of the state in host memory
+(HostCopy), taken at the end of each epoch with one asynchronous copy from the GPU; the loop goes on
+while the file is written. One write at a time, each atomic and fsync'd (files.atomic_write); a failed
+write is raised in the training thread at its next call, as the same clear error as before.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import checkpoint as ckpt
+from devices import non_blocking
+from files import atomic_write
+
+HISTORY_FIELDS = (
+    "epoch", "lr", "train_loss", "train_dice", "valid_loss", "valid_dice", "valid_dataset_dice", "valid_iou", "seconds",
+)
+DEFAULT_SAVE_EVERY = 60.0  # seconds between writes of last.pt and curves.png
+clock = time.monotonic  # the clock the intervals are measured by (a test sets its own)
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    with atomic_write(path, "w") as file:
+        file.write(text.getvalue())
+
+
+class HostCopy:
+    """A copy in host memory of a checkpoint's contents, into buffers made once and reused: page-locked where
+    the copy from the device can be asynchronous (CUDA), so that taking it queues a copy and returns."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.pinned = non_blocking(device)
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.contents: dict[str, Any] | None = None
+        self.epoch = 0
+        self._copied: torch.cuda.Event | None = None
+
+    def take(self, contents: dict[str, Any], epoch: int) -> None:
+        self.contents, self.epoch = self._copy(contents, ""), epoch
+        if self.pinned:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def ready(self) -> dict[str, Any]:
+        """The contents, once their copy from the device has landed (waits for it on CUDA)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self.contents
+
+    def _copy(self, value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            buffer = self.buffers.get(key)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                buffer = torch.empty_like(value, device="cpu", pin_memory=self.pinned and value.device.type == "cuda")
+                self.buffers[key] = buffer
+            return buffer.copy_(value.detach(), non_blocking=self.pinned)
+        if isinstance(value, dict):
+            return {name: self._copy(item, f"{key}/{name}") for name, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(item, f"{key}/{index}") for index, item in enumerate(value))
+        return value  # plain values: numbers, strings, and lists of them rebuilt above
+
+
+class Bookkeeper:
+    """Rank 0's files of one run (other processes keep none, `writes` False): call after_epoch at the end of
+    each epoch, and save_latest at the end of the run and before any stop; use it as a context manager, so
+    that its writer is done before the run ends. `contents()` gives what last.pt would hold now (best.pt
+    holds the same without its "training" state); `draw()` draws curves.png."""
+
+    def __init__(self, run_dir: Path, device: torch.device, save_every: float, writes: bool, saved_epoch: int = 0):
+        self.run_dir, self.save_every, self.writes = run_dir, save_every, writes
+        self.host = HostCopy(device)
+        self.saved_epoch = saved_epoch  # the epoch last.pt holds
+        self._last_saved_at = self._last_drawn_at = clock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petseg-checkpoints")
+        self._pending: Future | None = None
+
+    def __enter__(self) -> Bookkeeper:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._writer.shutdown(wait=True)
+
+    def after_epoch(
+        self, epoch: int, history: list[dict], improved: bool, contents: Callable[[], dict[str, Any]],
+        draw: Callable[[], None],
+    ) -> None:
+        if not self.writes:
+            return
+        write_history(history, self.run_dir / "history.csv")
+        due = self.saved_epoch == 0 or clock() - self._last_saved_at >= self.save_every
+        if improved or due:
+            self.wait()  # one write at a time, and the host copy is free again
+            self.host.take(contents(), epoch)
+            self._submit(best=improved, last=due)
+        elif self._pending is None or self._pending.done():
+            self.host.take(contents(), epoch)  # for a stop before the next write
+        if clock() - self._last_drawn_at >= self.save_every:
+            draw()
+            self._last_drawn_at = clock()
+
+    def save_latest(self, draw: Callable[[], None] | None = None) -> int:
+        """Write last.pt from the latest host copy if it is newer than the file, wait for every write, draw the
+        figure; returns the epoch last.pt holds."""
+        if self.writes:
+            self.wait()
+            if self.host.epoch > self.saved_epoch:
+                self._submit(best=False, last=True)
+                self.wait()
+            if draw is not None:
+                draw()
+        return self.saved_epoch
+
+    def wait(self) -> None:
+        """Wait for the write in progress; its error, if it failed, is raised here."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _submit(self, best: bool, last: bool) -> None:
+        epoch = self.host.epoch
+        if last:
+            self._last_saved_at = clock()
+        self._pending = self._writer.submit(self._write, best, last, epoch)
+
+    def _write(self, best: bool, last: bool, epoch: int) -> None:
+        contents = self.host.ready()
+        weights = {key: value for key, value in contents.items() if key != "training"}
+        # best before last: a crash between the two resumes from the older last.pt, which redoes these epochs.
+        if best:
+            ckpt.save_checkpoint(self.run_dir / ckpt.BEST_NAME, **weights)
+        if last:
+            ckpt.save_checkpoint(self.run_dir / ckpt.LAST_NAME, **contents)
+            self.saved_epoch = max(self.saved_epoch, epoch)  # read by the training thread after wait()
