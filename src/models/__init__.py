@@ -24,7 +24,7 @@ class Option:
 
     flag: str
     kwarg: str
-    default: object = False  # what the flag stands for when it was not given (train.py's default is then None)
+    default: object = False  # the argument when train.py's value is None: the flag was not given (--decoder-channels)
 
     @property
     def dest(self) -> str:
