@@ -18,12 +18,12 @@ from torch import nn
 
 import checkpoint as ckpt
 import distributed
+import models
 from batches import TrainBatches
 from devices import fused_optimizer, needs_loss_scaling, restore_rng_states, rng_states
 from distributed import Processes
 from ema import MovingAverage
 from errors import PetsegError, display_path
-from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
 
 # Flags that describe the machine rather than the experiment: --resume may change them.
@@ -133,11 +133,7 @@ def plain_args(args: argparse.Namespace) -> dict:
 
 def model_kwargs(args: argparse.Namespace) -> dict:
     """The architecture's options from the flags, as plain types (the checkpoint keeps them for inference)."""
-    kwargs: dict = {"deep_supervision": args.deep_supervision}
-    if args.network == "resnet34_unet":
-        kwargs["decoder_channels"] = list(args.decoder_channels or DEFAULT_DECODER_CHANNELS)
-        kwargs["full_resolution_skip"] = args.full_res_skip
-    return kwargs
+    return models.model_kwargs(args.network, args)
 
 
 def checkpoint_contents(args: argparse.Namespace, model: nn.Module, epoch: int, valid_dice: float, amp: bool) -> dict:

@@ -47,7 +47,7 @@ from evaluate import EvalResult, default_num_workers, eval_loader, evaluate, for
 from files import REPO_ROOT, atomic_write, make_run_dir
 from interrupts import sigint_deferred
 from losses import LOSSES, Loss, auxiliary_loss, build_loss
-from models import MODEL_NAMES, build_model
+from models import MODEL_NAMES, build_model, networks_taking, refused_options
 from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
 from models.stats import count_parameters, training_bytes
 from oxford_pet import AUGMENTATIONS, DEFAULT_DATA_PATH, IMAGENET_MEAN, IMAGENET_STD, prepare_dataset
@@ -175,13 +175,13 @@ def add_study_flags(study: argparse._ArgumentGroup) -> None:
     )
     study.add_argument(
         "--decoder-channels", type=positive(int), nargs=5, default=None, metavar="C",
-        help=f"resnet34_unet only: widths of the 5 decoder blocks, coarse to fine "
-        f"(default: {' '.join(map(str, DEFAULT_DECODER_CHANNELS))})",
+        help=f"{', '.join(networks_taking('--decoder-channels'))} only: widths of the 5 decoder blocks, coarse to "
+        f"fine (default: {' '.join(map(str, DEFAULT_DECODER_CHANNELS))})",
     )
     study.add_argument(
         "--full-res-skip", action=argparse.BooleanOptionalAction, default=False,
-        help="resnet34_unet only: give the last decoder block a skip from the input image at full resolution "
-        "(its encoder starts at half resolution)",
+        help=f"{', '.join(networks_taking('--full-res-skip'))} only: give the last decoder block a skip from the "
+        "input image at full resolution (their encoder starts at half resolution)",
     )
     study.add_argument(
         "--loss", default="bce+dice", choices=LOSSES,
@@ -262,10 +262,9 @@ def parse_args(
             f"--data_path {args.data_path} is not a folder. Point it at the folder holding images/ and "
             f"annotations/, or leave it out to use (and on first use download) {DEFAULT_DATA_PATH}."
         )
-    if args.network != "resnet34_unet":
-        for flag, value in (("--decoder-channels", args.decoder_channels), ("--full-res-skip", args.full_res_skip)):
-            if value:
-                parser.error(f"{flag} shapes the resnet34_unet decoder; drop it for -n {args.network}.")
+    for flag, takers in refused_options(args.network, args):
+        decoders = " and ".join(f"the {name} decoder" for name in takers)
+        parser.error(f"{flag} shapes {decoders}; drop it for -n {args.network}.")
     if args.batch_size % processes.world_size:
         parser.error(
             f"-b/--batch_size {args.batch_size} is the images of one optimiser step, split evenly over the "

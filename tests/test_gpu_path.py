@@ -24,8 +24,8 @@ from batches import TrainBatches, place_cache, prefetched
 from cache import CachedSplit
 from evaluate import evaluate
 from host_syncs import HostSyncCounter
-from models import build_model
-from models.stats import SAVED_MIB_PER_IMAGE_256, count_saved_bytes
+from models import NETWORKS, Network, ResNetUNet, build_model, networks_taking
+from models.stats import count_saved_bytes, saved_mib_per_image
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -182,7 +182,7 @@ def test_validation_reads_its_scores_once_per_split(monkeypatch: pytest.MonkeyPa
     assert counter.syncs == 1, counter.sites
 
 
-@pytest.mark.parametrize("network", ["unet", "resnet34_unet"])
+@pytest.mark.parametrize("network", networks_taking("--deep-supervision"))
 def test_the_networks_train_without_waiting_for_the_gpu(network: str) -> None:
     model = build_model(network, deep_supervision=True).train()
     with HostSyncCounter([SRC]) as counter:
@@ -309,10 +309,16 @@ def test_an_out_of_memory_upload_falls_back_to_page_locked_batches_with_a_note(
     assert "the upload to the GPU ran out of memory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("network", ["unet", "resnet34_unet"])
+@pytest.mark.parametrize("network", [name for name, entry in NETWORKS.items() if entry.saved_mib_per_image_256])
 def test_the_stated_activation_footprint_is_what_the_networks_keep(network: str) -> None:
     full, half = (count_saved_bytes(build_model(network), 32, half) * (256 / 32) ** 2 / 2**20 for half in (False, True))
-    assert (full, half) == pytest.approx(SAVED_MIB_PER_IMAGE_256[network], rel=0.02)
+    assert (full, half) == pytest.approx(NETWORKS[network].saved_mib_per_image_256, rel=0.02)
+
+
+def test_a_network_with_no_stated_footprint_is_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(NETWORKS, "unstated", Network(ResNetUNet))
+    stated = NETWORKS["resnet34_unet"].saved_mib_per_image_256
+    assert saved_mib_per_image("unstated", half_precision=False) == pytest.approx(stated[0], rel=0.02)
 
 
 class Reserved(Exception):

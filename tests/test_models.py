@@ -3,8 +3,10 @@ import torch
 import torchvision
 from torch import nn
 
-from models import MODEL_NAMES, ResNet34UNet, UNet, build_model
-from models.resnet34_unet import ResNet34Encoder
+import run_state
+import train
+from models import MODEL_NAMES, NETWORKS, ResNet34UNet, UNet, build_model, networks_taking
+from models.resnet34_unet import RESNET18_LAYERS, RESNET34_LAYERS, ResNet34Encoder, ResNetEncoder
 from models.stats import count_flops, count_parameters
 
 # Exact count of the classic 64..1024 UNet with bias-free 3x3 convs + BN: any
@@ -45,13 +47,18 @@ def _randomize_bn(net: nn.Module) -> None:
             nn.init.uniform_(m.running_var, 0.5, 1.5)
 
 
+@pytest.mark.parametrize(
+    "torchvision_resnet, encoder_class, layers",
+    [(torchvision.models.resnet34, ResNet34Encoder, RESNET34_LAYERS),
+     (torchvision.models.resnet18, ResNetEncoder, RESNET18_LAYERS)],
+)
 @torch.no_grad()
-def test_encoder_matches_torchvision_resnet34() -> None:
+def test_encoder_matches_torchvision_resnet(torchvision_resnet, encoder_class: type, layers: tuple) -> None:
     torch.manual_seed(0)
-    ref = torchvision.models.resnet34(weights=None)
+    ref = torchvision_resnet(weights=None)
     _randomize_bn(ref)
     ref.eval()
-    encoder = ResNet34Encoder().eval()
+    encoder = encoder_class(layers=layers).eval()
     encoder.load_state_dict(
         {k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}, strict=True
     )
@@ -70,6 +77,37 @@ def test_build_model_unknown_name() -> None:
     with pytest.raises(ValueError, match="no_such_net") as info:
         build_model("no_such_net")
     assert all(name in str(info.value) for name in MODEL_NAMES)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_flag_a_network_declares_builds_it(name: str) -> None:
+    """Each option's flag exists in train.py and its value reaches a constructor argument the network has."""
+    for option in NETWORKS[name].options:
+        assert option.flag in train.build_parser().format_help(), option.flag
+    flags = train.build_parser().parse_args(["-n", name])
+    with torch.device("meta"):
+        build_model(name, **run_state.model_kwargs(flags))
+
+
+def test_flags_give_the_constructor_arguments_that_checkpoints_already_hold() -> None:
+    def kwargs(*argv: str) -> dict:
+        return run_state.model_kwargs(train.build_parser().parse_args(list(argv)))
+
+    assert kwargs("-n", "unet") == {"deep_supervision": False}
+    assert kwargs() == {
+        "deep_supervision": False, "decoder_channels": [256, 128, 64, 32, 16], "full_resolution_skip": False,
+    }
+    assert kwargs("--deep-supervision", "--full-res-skip", "--decoder-channels", "8", "8", "8", "8", "4") == {
+        "deep_supervision": True, "decoder_channels": [8, 8, 8, 8, 4], "full_resolution_skip": True,
+    }
+
+
+def test_resnet18_and_resnet34_unets_differ_by_their_encoder_stages_alone() -> None:
+    with torch.device("meta"):
+        resnet18, resnet34 = build_model("resnet18_unet").state_dict(), ResNet34UNet().state_dict()
+    assert set(resnet18) < set(resnet34)
+    assert all(resnet18[key].shape == resnet34[key].shape for key in resnet18)
+    assert {key.split(".")[1] for key in set(resnet34) - set(resnet18)} == {"layer1", "layer2", "layer3", "layer4"}
 
 
 def test_build_model_passes_kwargs() -> None:
@@ -95,7 +133,7 @@ def test_flop_count_is_two_per_multiply_add_and_needs_no_real_weights() -> None:
     assert count_parameters(conv) == 3
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", networks_taking("--deep-supervision"))
 def test_deep_supervision_adds_coarse_heads_in_training_only(name: str) -> None:
     torch.manual_seed(0)
     plain = build_model(name).eval()

@@ -1,4 +1,4 @@
-"""UNet with a ResNet34 encoder whose parameter names match torchvision's resnet34."""
+"""UNet on a ResNet-18 or ResNet-34 encoder whose parameter names match torchvision's resnet18/resnet34."""
 
 import torch
 import torch.nn.functional as F
@@ -37,21 +37,26 @@ def _make_stage(in_channels: int, out_channels: int, blocks: int, stride: int) -
     return nn.Sequential(*layers)
 
 
-class ResNet34Encoder(nn.Module):
-    """ResNet34 without avgpool/fc; returns features at strides 2, 4, 8, 16, 32."""
+# BasicBlocks in each of the four stages: the two depths torchvision builds from BasicBlock.
+RESNET18_LAYERS = (2, 2, 2, 2)
+RESNET34_LAYERS = (3, 4, 6, 3)
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet-18/34 (by `layers`) without avgpool/fc; returns features at strides 2, 4, 8, 16, 32."""
 
     out_channels = (64, 64, 128, 256, 512)
 
-    def __init__(self, in_channels: int = 3) -> None:
+    def __init__(self, in_channels: int = 3, layers: tuple[int, int, int, int] = RESNET34_LAYERS) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = _make_stage(64, 64, 3, stride=1)
-        self.layer2 = _make_stage(64, 128, 4, stride=2)
-        self.layer3 = _make_stage(128, 256, 6, stride=2)
-        self.layer4 = _make_stage(256, 512, 3, stride=2)
+        self.layer1 = _make_stage(64, 64, layers[0], stride=1)
+        self.layer2 = _make_stage(64, 128, layers[1], stride=2)
+        self.layer3 = _make_stage(128, 256, layers[2], stride=2)
+        self.layer4 = _make_stage(256, 512, layers[3], stride=2)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         f2 = self.relu(self.bn1(self.conv1(x)))
@@ -87,8 +92,9 @@ class DecoderBlock(nn.Module):
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 
 
-class ResNet34UNet(nn.Module):
-    """UNet decoder on a ResNet34 encoder, returning logits at the input's size.
+class ResNetUNet(nn.Module):
+    """UNet decoder on a ResNet encoder (ResNet-34 unless encoder_layers says otherwise), returning logits at
+    the input's size.
 
     The encoder's first features are at half resolution (its 7x7 stride-2 stem), so the last decoder
     block has no skip unless full_resolution_skip adds one: a DoubleConv on the input image, as wide
@@ -102,11 +108,12 @@ class ResNet34UNet(nn.Module):
         decoder_channels: tuple[int, ...] = DEFAULT_DECODER_CHANNELS,
         full_resolution_skip: bool = False,
         deep_supervision: bool = False,
+        encoder_layers: tuple[int, int, int, int] = RESNET34_LAYERS,
     ) -> None:
         super().__init__()
         if len(decoder_channels) != 5:
             raise ValueError(f"decoder_channels needs 5 widths, got {decoder_channels}")
-        self.encoder = ResNet34Encoder(in_channels)
+        self.encoder = ResNetEncoder(in_channels, encoder_layers)
         enc = self.encoder.out_channels
         skip_channels = (enc[3], enc[2], enc[1], enc[0], decoder_channels[-1] if full_resolution_skip else 0)
         in_widths = (enc[4], *decoder_channels[:-1])
@@ -131,3 +138,8 @@ class ResNet34UNet(nn.Module):
         if self.aux_heads is None or not self.training:
             return logits
         return logits, [head(stage) for head, stage in zip(self.aux_heads, stages, strict=True)]
+
+
+# The names of the default depth, which the tests, the docs and code written against earlier versions import.
+ResNet34Encoder = ResNetEncoder
+ResNet34UNet = ResNetUNet

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from losses import auxiliary_loss
+from models import NETWORKS, build_model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -53,18 +54,27 @@ def count_saved_bytes(model: nn.Module, image_size: int, half_precision: bool = 
     return (saved(4) - saved(2)) // 2
 
 
-# Tensors kept for the backward pass per image at 256², in MiB: float32, bfloat16 autocast, by
-# count_saved_bytes (`python benchmarks/model_stats.py`, measured at 64² and scaled by the pixels). A GPU
-# measures the whole footprint (benchmarks/gpu_check.py prints it per image).
-SAVED_MIB_PER_IMAGE_256 = {"unet": (327.0, 171.0), "resnet34_unet": (92.0, 47.0)}
+# Where a network's entry has no figure, it is measured at this size and scaled by the pixels, as the figures are.
+MEASURED_SIZE = 64
 # The gradients of those activations, cuDNN workspaces and the augmentation's temporaries come on top.
 WORKSPACE_FACTOR = 1.5
 # Weights, their gradients and AdamW's two moments, in float32.
 BYTES_PER_PARAMETER = 16
 
 
+def saved_mib_per_image(network: str, half_precision: bool) -> float:
+    """MiB a training step keeps for the backward pass per image at 256², with the network's default options:
+    its registry entry's figure (a GPU measures the whole footprint: benchmarks/gpu_check.py prints it)."""
+    figure = NETWORKS[network].saved_mib_per_image_256
+    if figure is not None:
+        return figure[half_precision]
+    # No figure: measure, on the CPU as the figures were, rather than guess. A guess too low lets the GPU cache
+    # crowd out training; one too high needlessly keeps the cache off the GPU. It costs a few forward passes.
+    saved = count_saved_bytes(build_model(network), MEASURED_SIZE, half_precision)
+    return saved * (256 / MEASURED_SIZE) ** 2 / 2**20
+
+
 def training_bytes(network: str, image_size: int, batch_size: int, half_precision: bool, parameters: int) -> int:
     """An estimate of the GPU memory a training step takes: what the GPU-resident cache must leave free."""
-    full, half = SAVED_MIB_PER_IMAGE_256[network]
-    per_image = (half if half_precision else full) * 2**20 * (image_size / 256) ** 2 * WORKSPACE_FACTOR
+    per_image = saved_mib_per_image(network, half_precision) * 2**20 * (image_size / 256) ** 2 * WORKSPACE_FACTOR
     return int(per_image * batch_size + parameters * BYTES_PER_PARAMETER)
