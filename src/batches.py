@@ -17,10 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from augment import Choices, apply_augmentation, normalize, sample_augmentation
+from augment import DEFAULT_AUGMENTATION, Augmentation, normalize
 from cache import CachedSplit
 from devices import non_blocking, same_device
-from oxford_pet import DEFAULT_AUGMENTATION, Augmentation
 
 UInt8Batch = tuple[torch.Tensor, torch.Tensor]
 T = TypeVar("T")
@@ -151,7 +150,7 @@ class TrainBatches:
     """Shuffled, augmented training batches on `device`; iterates like a DataLoader with drop_last.
 
     `source` is a cached split or a dataset of uint8 pairs (build_transform(train=True)), at the crop
-    source size of `augmentation`, the ranges the batches are augmented with. `generator`
+    source size of `augmentation`, the preset the batches are augmented with. `generator`
     drives shuffling and augmentation; saving its state in last.pt makes a resumed run exact.
     Processes training together (rank of world_size) hold the same generator and draw in step for
     the whole global batch of `batch_size` images, each taking its own share: together they see
@@ -200,14 +199,14 @@ class TrainBatches:
             return
         # The pass's augmentation is drawn up front, batch after batch: the numbers drawing before each batch
         # would give, as nothing else draws from the generator. It travels to the device in one copy.
-        choices = torch.cat([
-            sample_augmentation(self.batch_size, self.generator, self.augmentation)[self.share].pack()
-            for _ in batch_indexes
-        ])
-        choices = to_device(choices, self.device).split(len(range(self.batch_size)[self.share]))
+        drawn = [self.augmentation.sample(self.batch_size, self.generator)[self.share] for _ in batch_indexes]
+        packed = to_device(torch.cat([choices.pack() for choices in drawn]), self.device)
+        packed = packed.split(len(range(self.batch_size)[self.share]))
         local = self.source.batches([index[self.share] for index in batch_indexes])
-        for (images, masks), packed in zip(prefetched(local), choices, strict=True):
-            yield apply_augmentation(images, masks, Choices.unpack(packed), self.image_size, self.mean, self.std)
+        for (images, masks), choices, on_device in zip(prefetched(local), drawn, packed, strict=True):
+            yield self.augmentation.apply(
+                images, masks, choices.unpack(on_device), self.image_size, self.mean, self.std
+            )
 
 
 class EvalBatches:

@@ -37,6 +37,7 @@ import checkpoint as ckpt
 import distributed
 import run_state
 import storage
+from augment import AUGMENTATIONS, crop_source_size
 from batches import EvalBatches, TrainBatches, place_cache
 from cache import DEFAULT_CACHE_DIR, cache_bytes, cache_fits_in_memory, load_or_build
 from cli import argument_parser
@@ -59,15 +60,7 @@ from losses import LOSSES, auxiliary_loss, build_loss
 from models import MODEL_NAMES, build_model
 from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
 from models.stats import count_parameters, training_bytes
-from oxford_pet import (
-    AUGMENTATIONS,
-    DEFAULT_DATA_PATH,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    crop_source_size,
-    load_dataset,
-    prepare_dataset,
-)
+from oxford_pet import DEFAULT_DATA_PATH, IMAGENET_MEAN, IMAGENET_STD, load_dataset, prepare_dataset
 from plots import plot_learning_curves
 from run_state import Progress, Trainer
 from utils import logits_to_mask, per_image_dice
@@ -203,9 +196,8 @@ def add_study_flags(study: argparse._ArgumentGroup) -> None:
     )
     study.add_argument(
         "--augment", default="default", choices=AUGMENTATIONS,
-        help="strength of the training augmentation: light (flip and crops of 80-100%% of the area), default "
-        "(flip, crops of 50-100%%, rotation up to 10 degrees, colour jitter 30%%) or strong (crops of 30-100%% "
-        "at aspect 2:3 to 3:2, rotation up to 20 degrees, jitter 40%%)",
+        help="the training augmentation's preset, in the order it acts: "
+        + "; ".join(f"{name}: {preset.describe()}" for name, preset in AUGMENTATIONS.items()).replace("%", "%%"),
     )
     study.add_argument(
         "--ema", type=ema_decay, default=0.0,
@@ -393,11 +385,11 @@ def make_loaders(
     (batches.TrainBatches). Each process gets its share of every training batch and of the valid images.
     The cache serves batches from the GPU's memory when it fits there beside `reserve` bytes for training."""
     augmentation = AUGMENTATIONS[args.augment]
+    sizes = {"train": crop_source_size(args.image_size, augmentation), "valid": args.image_size}
     datasets = {
-        split: load_dataset(data_path, split, args.image_size, args.skip_bad, augmentation)
+        split: load_dataset(data_path, split, args.image_size, args.skip_bad, sizes["train"])
         for split in ("train", "valid")
     }
-    sizes = {"train": crop_source_size(args.image_size, augmentation), "valid": args.image_size}
     per_process = args.batch_size // processes.world_size
     valid_share = processes.shard(len(datasets["valid"]))
     needed = sum(cache_bytes(len(datasets[split]), size) for split, size in sizes.items()) * processes.local_world_size
