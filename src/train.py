@@ -196,7 +196,7 @@ def add_study_flags(study: argparse._ArgumentGroup) -> None:
     )
     study.add_argument(
         "--augment", default="default", choices=AUGMENTATIONS,
-        help="the training augmentation's preset, in the order it acts: "
+        help="the training augmentation, a preset of operations acting in this order: "
         + "; ".join(f"{name}: {preset.describe()}" for name, preset in AUGMENTATIONS.items()).replace("%", "%%"),
     )
     study.add_argument(

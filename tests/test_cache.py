@@ -99,6 +99,22 @@ def test_batched_augmentation_is_reproducible_from_its_generator() -> None:
     assert torch.equal(run[0][0], run[1][0]) and torch.equal(run[0][1], run[1][1])
 
 
+def test_a_preset_resamples_once_and_keeps_its_geometry_together() -> None:
+    with pytest.raises(ValueError, match="stand together"):
+        augment.Augmentation([augment.Rotation(10), augment.ColorJitter(0.3), augment.HorizontalFlip()])
+    image, mask = _asymmetric_pair(size=91)
+    images = image[None].repeat(4, 1, 1, 1).as_subclass(torch.Tensor)
+    masks = mask[None].repeat(4, 1, 1, 1).as_subclass(torch.Tensor)
+    colour_only = augment.Augmentation([augment.ColorJitter(0.3)])  # its one resampling is a plain resize
+    out_images, out_masks = augment_batch(
+        images, masks, 64, IMAGENET_MEAN, IMAGENET_STD, torch.Generator().manual_seed(0), colour_only
+    )
+    assert out_images.shape == (4, 3, 64, 64) and set(out_masks.unique().tolist()) <= {0.0, 1.0}
+    for out_image, out_mask in zip(out_images, out_masks, strict=True):
+        assert _agreement_away_from_edges(out_image, out_mask) > 0.995
+        assert torch.equal(out_mask, out_masks[0]), "no geometry: every mask is the same resize"
+
+
 def test_batched_crops_follow_random_resized_crop_ranges() -> None:
     crop = DEFAULT_CROP.sample(20_000, torch.Generator().manual_seed(0))
     cx, cy, width, height = crop["cx"], crop["cy"], crop["width"], crop["height"]
