@@ -209,7 +209,7 @@ class _Warp:
             theta = _compose(op.matrix(params), theta)
             if op.fills:
                 fills.append(theta[:, :2])
-        choices = {"theta": theta[:, :2].contiguous()}
+        choices = {"theta": theta[:, :2]}
         if fills:
             choices["fills"] = torch.stack(fills, dim=1)
         return choices
