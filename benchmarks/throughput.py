@@ -37,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools")]
 
 import train_speed  # noqa: E402
+from augment import crop_source_size  # noqa: E402
 from batches import EvalBatches, TrainBatches  # noqa: E402
 from cache import CachedSplit, load_or_build  # noqa: E402
 from cli import argument_parser  # noqa: E402
@@ -50,7 +51,6 @@ from oxford_pet import (  # noqa: E402
     IMAGENET_STD,
     OxfordPetSegmentation,
     build_transform,
-    crop_source_size,
     image_path,
     trimap_path,
 )

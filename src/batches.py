@@ -20,19 +20,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 import distributed
-from augment import Choices, apply_augmentation, normalize, sample_augmentation
+from augment import AUGMENTATIONS, DEFAULT_AUGMENTATION, Augmentation, crop_source_size, normalize
 from cache import CachedSplit, cache_bytes, cache_fits_in_memory, load_or_build
 from devices import non_blocking, same_device
 from distributed import Processes
-from oxford_pet import (
-    AUGMENTATIONS,
-    DEFAULT_AUGMENTATION,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Augmentation,
-    crop_source_size,
-    load_dataset,
-)
+from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, load_dataset
 
 UInt8Batch = tuple[torch.Tensor, torch.Tensor]
 T = TypeVar("T")
@@ -163,7 +155,7 @@ class TrainBatches:
     """Shuffled, augmented training batches on `device`; iterates like a DataLoader with drop_last.
 
     `source` is a cached split or a dataset of uint8 pairs (build_transform(train=True)), at the crop
-    source size of `augmentation`, the ranges the batches are augmented with. `generator`
+    source size of `augmentation`, the preset the batches are augmented with. `generator`
     drives shuffling and augmentation; saving its state in last.pt makes a resumed run exact.
     Processes training together (rank of world_size) hold the same generator and draw in step for
     the whole global batch of world_size x `batch_size` images, each taking its own `batch_size`:
@@ -212,14 +204,14 @@ class TrainBatches:
             return
         # The pass's augmentation is drawn up front, batch after batch: the numbers drawing before each batch
         # would give, as nothing else draws from the generator. It travels to the device in one copy.
-        choices = torch.cat([
-            sample_augmentation(self.batch_size, self.generator, self.augmentation)[self.share].pack()
-            for _ in batch_indexes
-        ])
-        choices = to_device(choices, self.device).split(self.share.stop - self.share.start)
+        drawn = [self.augmentation.sample(self.batch_size, self.generator)[self.share] for _ in batch_indexes]
+        packed = to_device(torch.cat([choices.pack() for choices in drawn]), self.device)
+        packed = packed.split(self.share.stop - self.share.start)
         local = self.source.batches([index[self.share] for index in batch_indexes])
-        for (images, masks), packed in zip(prefetched(local), choices, strict=True):
-            yield apply_augmentation(images, masks, Choices.unpack(packed), self.image_size, self.mean, self.std)
+        for (images, masks), choices, on_device in zip(prefetched(local), drawn, packed, strict=True):
+            yield self.augmentation.apply(
+                images, masks, choices.unpack(on_device), self.image_size, self.mean, self.std
+            )
 
 
 class EvalBatches:
@@ -258,11 +250,11 @@ def make_loaders(
     (batches.TrainBatches). Each process gets its share of every training batch and of the valid images.
     The cache serves batches from the GPU's memory when it fits there beside `reserve` bytes for training."""
     augmentation = AUGMENTATIONS[args.augment]
+    sizes = {"train": crop_source_size(args.image_size, augmentation), "valid": args.image_size}
     datasets = {
-        split: load_dataset(data_path, split, args.image_size, args.skip_bad, augmentation)
+        split: load_dataset(data_path, split, args.image_size, args.skip_bad, sizes["train"])
         for split in ("train", "valid")
     }
-    sizes = {"train": crop_source_size(args.image_size, augmentation), "valid": args.image_size}
     valid_share = processes.shard(len(datasets["valid"]))
     needed = sum(cache_bytes(len(datasets[split]), size) for split, size in sizes.items()) * processes.local_world_size
     # Rank 0 decides for all: processes that disagreed would wait for each other in different places.

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from augment import crop_source_size
 from errors import PetsegError, display_path
 from files import REPO_ROOT
 
@@ -33,30 +32,6 @@ ARCHIVE_URLS = (
 )
 
 TRIMAP_PET, TRIMAP_BACKGROUND, TRIMAP_BORDER = 1, 2, 3
-
-@dataclass(frozen=True)
-class Augmentation:
-    """The training augmentation's ranges; augment.py applies them to whole batches on the training device."""
-
-    crop_scale: tuple[float, float]  # area of the random crop, as a fraction of the image
-    crop_ratio: tuple[float, float]  # its aspect ratio, width / height
-    rotation_degrees: float  # drawn from [-degrees, degrees]
-    jitter: float  # brightness, contrast and saturation factors are drawn from [1 - jitter, 1 + jitter]
-
-
-AUGMENTATIONS = {
-    "light": Augmentation(crop_scale=(0.8, 1.0), crop_ratio=(3 / 4, 4 / 3), rotation_degrees=0.0, jitter=0.0),
-    "default": Augmentation(crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3), rotation_degrees=10.0, jitter=0.3),
-    "strong": Augmentation(crop_scale=(0.3, 1.0), crop_ratio=(2 / 3, 3 / 2), rotation_degrees=20.0, jitter=0.4),
-}
-DEFAULT_AUGMENTATION = AUGMENTATIONS["default"]
-
-
-def crop_source_size(image_size: int, augmentation: Augmentation = DEFAULT_AUGMENTATION) -> int:
-    """Side of the square image that training crops are taken from: a square crop of the smallest
-    area (crop_scale[0]) still has image_size pixels a side. The narrowest crops of that area (the
-    ends of crop_ratio, 3:4 by default) are stretched along their short side, by up to 1.15x."""
-    return math.ceil(image_size / math.sqrt(augmentation.crop_scale[0]))
 
 
 class DatasetError(PetsegError):
@@ -319,17 +294,18 @@ def build_transform(
     image_size: int = 256,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
-    augmentation: Augmentation = DEFAULT_AUGMENTATION,
+    crop_source: int | None = None,
 ) -> v2.Transform:
     """Transforms on (Image, Mask) pairs; geometry is applied to both (masks with nearest interpolation).
 
     Eval squashes the whole image to image_size x image_size and normalises it. Train only squashes
-    it to crop_source_size(image_size) and keeps uint8, as the decode-once cache stores it: the
-    augmentation itself runs on whole batches on the training device (augment.py), the same for
-    both, so cached and per-image training see the same augmentation.
+    it to crop_source x crop_source (augment.crop_source_size of the augmentation trained with; of the
+    default one when None) and keeps uint8, as the decode-once cache stores it: the augmentation itself
+    runs on whole batches on the training device (augment.py), the same for both, so cached and
+    per-image training see the same augmentation.
     """
     if train:
-        source = crop_source_size(image_size, augmentation)
+        source = crop_source_size(image_size) if crop_source is None else crop_source
         return v2.Resize((source, source), antialias=True)
     return v2.Compose([v2.Resize((image_size, image_size), antialias=True), *to_model_input(mean, std)])
 
@@ -389,13 +365,13 @@ def load_dataset(
     mode: str,
     image_size: int = 256,
     skip_bad: bool = False,
-    augmentation: Augmentation = DEFAULT_AUGMENTATION,
+    crop_source: int | None = None,
 ) -> OxfordPetSegmentation:
     """The lab template's entry point: the `mode` split with the recipe's transform.
 
     valid and test give normalised float images (3, S, S) and float {0, 1} masks (1, S, S); train
-    gives uint8 pairs at crop_source_size(S, augmentation), which augment.augment_batch turns into
-    model input.
+    gives uint8 pairs at crop_source (augment.crop_source_size(S) when None), which
+    augment.augment_batch turns into model input.
     """
-    transform = build_transform(train=mode == "train", image_size=image_size, augmentation=augmentation)
+    transform = build_transform(train=mode == "train", image_size=image_size, crop_source=crop_source)
     return OxfordPetSegmentation(data_path, mode, transform, skip_bad=skip_bad)

@@ -35,6 +35,7 @@ import checkpoint as ckpt
 import distributed
 import run_state
 import storage
+from augment import AUGMENTATIONS
 from batches import EvalBatches, TrainBatches, make_loaders
 from bookkeeping import DEFAULT_SAVE_EVERY, Bookkeeper
 from cache import DEFAULT_CACHE_DIR
@@ -50,7 +51,7 @@ from losses import LOSSES, Loss, auxiliary_loss, build_loss
 from models import MODEL_NAMES, build_model, networks_taking, refused_options
 from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
 from models.stats import count_parameters, training_bytes
-from oxford_pet import AUGMENTATIONS, DEFAULT_DATA_PATH, IMAGENET_MEAN, IMAGENET_STD, prepare_dataset
+from oxford_pet import DEFAULT_DATA_PATH, IMAGENET_MEAN, IMAGENET_STD, prepare_dataset
 from plots import plot_learning_curves
 from run_state import Progress, Trainer, announce_resume, make_trainer
 from utils import logits_to_mask, per_image_dice
@@ -189,9 +190,8 @@ def add_study_flags(study: argparse._ArgumentGroup) -> None:
     )
     study.add_argument(
         "--augment", default="default", choices=AUGMENTATIONS,
-        help="strength of the training augmentation: light (flip and crops of 80-100%% of the area), default "
-        "(flip, crops of 50-100%%, rotation up to 10 degrees, colour jitter 30%%) or strong (crops of 30-100%% "
-        "at aspect 2:3 to 3:2, rotation up to 20 degrees, jitter 40%%)",
+        help="the training augmentation, a preset of operations acting in this order: "
+        + "; ".join(f"{name}: {preset.describe()}" for name, preset in AUGMENTATIONS.items()).replace("%", "%%"),
     )
     study.add_argument(
         "--ema", type=ema_decay, default=0.0,

@@ -12,25 +12,19 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import RandomResizedCrop
 
+import augment
 import batches
 import train
-from augment import augment_batch, sample_augmentation, sample_crops
+from augment import AUGMENTATIONS, DEFAULT_AUGMENTATION, augment_batch, crop_source_size
 from batches import EvalBatches
 from cache import load_or_build
 from distributed import Processes
-from oxford_pet import (
-    AUGMENTATIONS,
-    DEFAULT_AUGMENTATION,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    OxfordPetSegmentation,
-    crop_source_size,
-    load_dataset,
-)
+from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, OxfordPetSegmentation, load_dataset
 from test_data import _agreement_away_from_edges, _asymmetric_pair
 
 CPU = torch.device("cpu")
-CROP_SCALE, CROP_RATIO = DEFAULT_AUGMENTATION.crop_scale, DEFAULT_AUGMENTATION.crop_ratio
+DEFAULT_CROP = next(op for op in DEFAULT_AUGMENTATION.ops if isinstance(op, augment.RandomResizedCrop))
+CROP_SCALE, CROP_RATIO = DEFAULT_CROP.scale, DEFAULT_CROP.ratio
 
 
 @pytest.mark.parametrize("split", ["valid", "test"])
@@ -106,8 +100,25 @@ def test_batched_augmentation_is_reproducible_from_its_generator() -> None:
     assert torch.equal(run[0][0], run[1][0]) and torch.equal(run[0][1], run[1][1])
 
 
+def test_a_preset_resamples_once_and_keeps_its_geometry_together() -> None:
+    with pytest.raises(ValueError, match="stand together"):
+        augment.Augmentation([augment.Rotation(10), augment.ColorJitter(0.3), augment.HorizontalFlip()])
+    image, mask = _asymmetric_pair(size=91)
+    images = image[None].repeat(4, 1, 1, 1).as_subclass(torch.Tensor)
+    masks = mask[None].repeat(4, 1, 1, 1).as_subclass(torch.Tensor)
+    colour_only = augment.Augmentation([augment.ColorJitter(0.3)])  # its one resampling is a plain resize
+    out_images, out_masks = augment_batch(
+        images, masks, 64, IMAGENET_MEAN, IMAGENET_STD, torch.Generator().manual_seed(0), colour_only
+    )
+    assert out_images.shape == (4, 3, 64, 64) and set(out_masks.unique().tolist()) <= {0.0, 1.0}
+    for out_image, out_mask in zip(out_images, out_masks, strict=True):
+        assert _agreement_away_from_edges(out_image, out_mask) > 0.995
+        assert torch.equal(out_mask, out_masks[0]), "no geometry: every mask is the same resize"
+
+
 def test_batched_crops_follow_random_resized_crop_ranges() -> None:
-    cx, cy, width, height = sample_crops(20_000, torch.Generator().manual_seed(0))
+    crop = DEFAULT_CROP.sample(20_000, torch.Generator().manual_seed(0))
+    cx, cy, width, height = crop["cx"], crop["cy"], crop["width"], crop["height"]
     area, ratio = width * height, width / height
     assert area.min() >= CROP_SCALE[0] - 1e-6 and area.max() <= CROP_SCALE[1] + 1e-6
     assert ratio.min() >= CROP_RATIO[0] - 1e-6 and ratio.max() <= CROP_RATIO[1] + 1e-6
@@ -126,17 +137,24 @@ def test_batched_crops_follow_random_resized_crop_ranges() -> None:
 
 @pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
 def test_every_augmentation_strength_draws_inside_its_ranges(name: str) -> None:
-    recipe = AUGMENTATIONS[name]
-    choices = sample_augmentation(5000, torch.Generator().manual_seed(1), recipe)
-    cx, cy, width, height = sample_crops(5000, torch.Generator().manual_seed(1), recipe)
-    area = width * height
-    assert area.min() >= recipe.crop_scale[0] - 1e-6 and area.max() <= recipe.crop_scale[1] + 1e-6
-    angles = torch.rad2deg(torch.atan2(choices.rotation[:, 1, 0], choices.rotation[:, 0, 0])).abs()
-    assert angles.max() <= recipe.rotation_degrees + 1e-4
-    for factor in (choices.brightness, choices.contrast, choices.saturation):
-        assert (factor - 1).abs().max() <= recipe.jitter + 1e-6
-    if recipe.rotation_degrees:
-        assert angles.max() > recipe.rotation_degrees * 0.9, "the range is used, not just bounded"
+    generator = torch.Generator().manual_seed(1)
+    kinds = set()
+    for op in AUGMENTATIONS[name].ops:  # drawn one after the other from one generator, as the preset draws them
+        params = op.sample(5000, generator)
+        kinds.add(type(op))
+        if isinstance(op, augment.RandomResizedCrop):
+            area = params["width"] * params["height"]
+            assert area.min() >= op.scale[0] - 1e-6 and area.max() <= op.scale[1] + 1e-6
+        if isinstance(op, augment.Rotation):
+            rotation = op.matrix(params)
+            angles = torch.rad2deg(torch.atan2(rotation[:, 1, 0], rotation[:, 0, 0])).abs()
+            assert angles.max() <= op.degrees + 1e-4
+            if op.degrees:
+                assert angles.max() > op.degrees * 0.9, "the range is used, not just bounded"
+        if isinstance(op, augment.ColorJitter):
+            for factor in (params["brightness"], params["contrast"], params["saturation"]):
+                assert (factor - 1).abs().max() <= op.strength + 1e-6
+    assert kinds == {augment.RandomResizedCrop, augment.HorizontalFlip, augment.Rotation, augment.ColorJitter}
 
 
 def test_the_augment_flag_reaches_the_cache_and_the_batches(synthetic_pets: Path, tmp_path: Path) -> None:

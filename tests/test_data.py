@@ -13,13 +13,13 @@ from PIL import Image
 from torchvision import tv_tensors
 
 import oxford_pet
+from augment import crop_source_size
 from make_synthetic_pets import QUIRK_MODES, image_modes
 from oxford_pet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DatasetError,
     OxfordPetSegmentation,
-    crop_source_size,
     load_dataset,
     prepare_dataset,
     read_image,

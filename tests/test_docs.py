@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from augment import AUGMENTATIONS, crop_source_size
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 250  # a newcomer's five minutes; the rest lives in the guides under docs/
@@ -197,6 +199,20 @@ def test_documented_commands_use_flags_their_script_has(document: Path) -> None:
 def test_readme_is_short() -> None:
     lines = len((REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines())
     assert lines < README_MAX_LINES, f"README.md has {lines} lines; move detail into a guide under docs/"
+
+
+def test_the_augmentation_table_of_recipe_md_is_what_the_presets_do() -> None:
+    header = "| `--augment` | squashed to, at `--image-size 256` | then, in this order |"
+    expected = [header, "|---|---|---|"]
+    for name, preset in AUGMENTATIONS.items():
+        side = crop_source_size(256, preset)
+        expected.append(f"| `{name}` | {side}×{side} ({side / 256:.2f}×) | {preset.describe()} |")
+    lines = (REPO_ROOT / "docs" / "recipe.md").read_text(encoding="utf-8").splitlines()
+    assert header in lines, "docs/recipe.md lost its table of the --augment presets"
+    start = lines.index(header)
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    table = "\n".join(expected)
+    assert lines[start:end] == expected, f"docs/recipe.md's table should say what the presets do:\n{table}"
 
 
 def test_slugs_follow_github() -> None:

@@ -28,13 +28,13 @@ import losses
 import run_state
 import train
 import utils
-from augment import augment_batch
+from augment import augment_batch, crop_source_size
 from batches import TrainBatches
 from cache import load_or_build
 from conftest import SRC, train_with_ctrl_c_in_epoch_2
 from evaluate import evaluate
 from models import build_model
-from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, crop_source_size, load_dataset
+from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, load_dataset
 
 CPU = torch.device("cpu")
 FAST = ["-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
