@@ -31,13 +31,18 @@ def soft_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def bce_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The recipe: pixel accuracy and overlap together."""
+    """BCE plus soft Dice, the recipe: pixel accuracy and overlap together."""
     return bce(logits, target) + soft_dice(logits, target)
 
 
 # --loss NAME: what train.py, the benchmarks and the tools train with. Add an entry to add a loss.
 LOSSES: dict[str, Loss] = {"bce+dice": bce_dice, "bce": bce, "dice": soft_dice}
 DEFAULT_LOSS = "bce+dice"
+
+
+def describe_losses() -> str:
+    """Each registered loss with the first line of its docstring, for --loss's help."""
+    return "; ".join(f"{name}: {(loss.__doc__ or '').strip().splitlines()[0]}" for name, loss in LOSSES.items())
 
 
 def build_loss(name: str) -> Loss:
