@@ -300,11 +300,10 @@ class Augmentation:
         masks: torch.Tensor,
         choices: Choices,
         size: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images (N, 3, M, M) and masks (N, 1, M, M), on any device, to augmented normalised float images
-        (N, 3, size, size) and float {0, 1} masks (N, 1, size, size) on that device. Choices already on that
+        """uint8 images (N, 3, M, M) and masks (N, 1, M, M), on any device, to augmented float images in [0, 1]
+        (N, 3, size, size) and float {0, 1} masks (N, 1, size, size) on that device (oxford_pet.normalize
+        then makes the images model input). Choices already on that
         device are used in place: nothing is copied at each step."""
         images, masks = images.float() / 255, masks.float()
         for step, params in zip(self.steps, choices.to(images.device).steps, strict=True):
@@ -312,7 +311,7 @@ class Augmentation:
                 images, masks = step.apply(images, masks, params, size)
             else:
                 images, masks = step.apply(images, masks, params)
-        return normalize(images, mean, std), masks
+        return images, masks
 
 
 AUGMENTATIONS: dict[str, Augmentation] = {
@@ -348,22 +347,3 @@ def crop_source_size(image_size: int, augmentation: Augmentation = DEFAULT_AUGME
 
 
 # ----------------------------------------------------------------------------- applying
-
-
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(images - mean) / std per channel, with the constants made once per device (torchvision's
-    normalize copies them to the device at every call)."""
-    return (images - device_constant(tuple(mean), images.device)) / device_constant(tuple(std), images.device)
-
-
-def augment_batch(
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    generator: torch.Generator,
-    augmentation: Augmentation = DEFAULT_AUGMENTATION,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment a whole batch: draw its choices, then apply them."""
-    return augmentation.apply(images, masks, augmentation.sample(len(images), generator), size, mean, std)

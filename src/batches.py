@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 import distributed
-from augment import AUGMENTATIONS, DEFAULT_AUGMENTATION, Augmentation, crop_source_size, normalize
+from augment import AUGMENTATIONS, DEFAULT_AUGMENTATION, Augmentation, crop_source_size
 from cache import CachedSplit, cache_bytes, cache_fits_in_memory, load_or_build
 from devices import non_blocking, same_device
 from distributed import Processes
-from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, load_dataset
+from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, load_dataset, normalize
 
 UInt8Batch = tuple[torch.Tensor, torch.Tensor]
 T = TypeVar("T")
@@ -209,9 +209,22 @@ class TrainBatches:
         packed = packed.split(self.share.stop - self.share.start)
         local = self.source.batches([index[self.share] for index in batch_indexes])
         for (images, masks), choices, on_device in zip(prefetched(local), drawn, packed, strict=True):
-            yield self.augmentation.apply(
-                images, masks, choices.unpack(on_device), self.image_size, self.mean, self.std
-            )
+            images, masks = self.augmentation.apply(images, masks, choices.unpack(on_device), self.image_size)
+            yield normalize(images, self.mean, self.std), masks
+
+
+def augment_batch(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    generator: torch.Generator,
+    augmentation: Augmentation = DEFAULT_AUGMENTATION,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One whole batch as TrainBatches makes it: its choices drawn, applied, the images normalised."""
+    images, masks = augmentation.apply(images, masks, augmentation.sample(len(images), generator), size)
+    return normalize(images, mean, std), masks
 
 
 class EvalBatches:

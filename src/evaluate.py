@@ -25,7 +25,15 @@ import distributed
 from cli import argument_parser
 from devices import autocast, default_amp, non_blocking, read_once, select_device
 from errors import PetsegError, display_path, run_script
-from oxford_pet import DEFAULT_DATA_PATH, SPLITS, OxfordPetSegmentation, build_transform, prepare_dataset
+from oxford_pet import (
+    DEFAULT_DATA_PATH,
+    SPLITS,
+    OxfordPetSegmentation,
+    build_transform,
+    denormalize,
+    normalize,
+    prepare_dataset,
+)
 from utils import logits_to_mask, per_image_dice
 
 
@@ -130,15 +138,11 @@ class Ensemble(nn.Module):
         for member, (member_size, member_mean, member_std) in zip(self.members, self.inputs, strict=True):
             member_images = images
             if (member_size, member_mean, member_std) != (size, mean, std):
-                pixels = images * _channels(std, images) + _channels(mean, images)  # back to [0, 1]
+                pixels = denormalize(images, mean, std)
                 pixels = F.interpolate(pixels, size=(member_size, member_size), mode="bilinear", antialias=True)
-                member_images = (pixels - _channels(member_mean, images)) / _channels(member_std, images)
+                member_images = normalize(pixels, member_mean, member_std)
             logits.append(resize_logits(member(member_images).float(), images.shape[-2:]))
         return logits[0] if len(logits) == 1 else mean_probability_logit(logits)
-
-
-def _channels(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

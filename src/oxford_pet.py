@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from augment import crop_source_size
+from devices import device_constant
 from errors import PetsegError, display_path
 from files import REPO_ROOT
 
@@ -314,8 +316,24 @@ def to_model_input(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.T
     """uint8 image -> normalised float; mask -> float {0, 1}."""
     return [
         v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.float32, "others": None}, scale=True),
-        v2.Normalize(mean, std),
+        v2.Lambda(partial(normalize, mean=tuple(mean), std=tuple(std)), tv_tensors.Image),
     ]
+
+
+def normalize(
+    images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
+    """Images in [0, 1] as model input, (images - mean) / std per channel: the one normaliser of every path
+    (per image, cached, augmented on the device, ensembles), for one image (C, H, W) or a batch. Its constants
+    are made once per device."""
+    return (images - device_constant(tuple(mean), images.device)[0]) / device_constant(tuple(std), images.device)[0]
+
+
+def denormalize(
+    images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
+    """normalize undone: model input back to images in [0, 1]."""
+    return images * device_constant(tuple(std), images.device)[0] + device_constant(tuple(mean), images.device)[0]
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -371,7 +389,7 @@ def load_dataset(
 
     valid and test give normalised float images (3, S, S) and float {0, 1} masks (1, S, S); train
     gives uint8 pairs at crop_source (augment.crop_source_size(S) when None), which
-    augment.augment_batch turns into model input.
+    batches.augment_batch turns into model input.
     """
     transform = build_transform(train=mode == "train", image_size=image_size, crop_source=crop_source)
     return OxfordPetSegmentation(data_path, mode, transform, skip_bad=skip_bad)

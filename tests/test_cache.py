@@ -15,8 +15,8 @@ from torchvision.transforms import RandomResizedCrop
 import augment
 import batches
 import train
-from augment import AUGMENTATIONS, DEFAULT_AUGMENTATION, augment_batch, crop_source_size
-from batches import EvalBatches
+from augment import AUGMENTATIONS, DEFAULT_AUGMENTATION, crop_source_size
+from batches import EvalBatches, augment_batch
 from cache import load_or_build
 from distributed import Processes
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, OxfordPetSegmentation, load_dataset

@@ -28,8 +28,8 @@ import losses
 import run_state
 import train
 import utils
-from augment import augment_batch, crop_source_size
-from batches import TrainBatches
+from augment import crop_source_size
+from batches import TrainBatches, augment_batch
 from cache import load_or_build
 from conftest import SRC, train_with_ctrl_c_in_epoch_2
 from evaluate import evaluate
