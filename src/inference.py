@@ -29,7 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from cli import argument_parser
+from cli import argument_parser, non_negative
 from errors import PetsegError, display_path, run_script
 from evaluate import (
     EvalResult,
@@ -50,14 +50,6 @@ from utils import logits_to_mask
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.png"
 
 
-def count(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argument_parser(
         "Predict pet masks on your own images (--input), or score a petseg checkpoint on the test split and draw "
@@ -74,8 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     own.add_argument("--overwrite", action="store_true", help="replace outputs already in --output instead of refusing")
     test = parser.add_argument_group("test split")
-    test.add_argument("-k", "--num-images", type=count, default=4, help="random test images shown in the figure")
-    test.add_argument("--worst", type=count, default=4, help="test images with the lowest Dice shown in the figure")
+    test.add_argument("-k", "--num-images", type=non_negative, default=4, help="random test images shown in the figure")
+    test.add_argument(
+        "--worst", type=non_negative, default=4, help="test images with the lowest Dice shown in the figure"
+    )
     test.add_argument("--seed", type=int, default=0, help="which random test images the figure shows")
     test.add_argument(
         "--figure", type=Path, default=None,
@@ -292,9 +286,10 @@ def figure_cases(
 
 
 def score_test_split(args: argparse.Namespace) -> None:
+    # Only train.py downloads: a mistyped --data_path here is an error, not an 800 MB download into the typo.
+    data_path = prepare_dataset(args.data_path, download=False)
     predictor = load_for_eval(args)
     model, device, amp = predictor.model, predictor.device, predictor.amp
-    data_path = prepare_dataset(args.data_path)
     loader = checkpoint_loader(
         data_path, "test", predictor.first, args.batch_size, args.num_workers, device, original_masks=True
     )

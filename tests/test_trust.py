@@ -1,0 +1,155 @@
+"""Trust the number (issue 20): the data a number comes from is the data the user meant, every typed flag takes
+effect or is refused, and no text, signal or second process costs a file or ends in a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import evaluate
+import inference
+import oxford_pet
+from make_synthetic_pets import make_synthetic_pets
+from oxford_pet import DatasetError, prepare_dataset, read_names, split_names
+from test_user_facing import write_run
+
+SPLIT_LINES = "Abyssinian_1 1 1 1\nbasset_hound_1 4 2 3\n"
+
+
+@pytest.fixture
+def tiny_pets(tmp_path: Path) -> Path:
+    """12 trainval pairs (lines 0 and 10 go to valid) and 3 test pairs."""
+    return make_synthetic_pets(tmp_path / "oxford-iiit-pet", n_trainval=12, n_test=3, seed=0)
+
+
+def write_lines(path: Path, names: list[str]) -> None:
+    path.write_text("".join(f"{name} 1 1 1\n" for name in names))
+
+
+# ----------------------------------------------------------------------------- split files in any encoding
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_split_file_in_utf8_with_a_byte_order_mark_reads_as_without(tmp_path: Path, newline: str) -> None:
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_bytes(SPLIT_LINES.replace("\n", newline).encode("utf-8"))
+    marked.write_bytes(SPLIT_LINES.replace("\n", newline).encode("utf-8-sig"))
+    assert read_names(marked) == read_names(plain) == ["Abyssinian_1", "basset_hound_1"]
+
+
+def test_a_byte_order_mark_is_not_taken_for_an_incomplete_dataset(tiny_pets: Path) -> None:
+    trainval = tiny_pets / "annotations" / "trainval.txt"
+    trainval.write_bytes(trainval.read_bytes().decode().encode("utf-8-sig"))
+    assert oxford_pet.missing_files(tiny_pets) == []
+    assert prepare_dataset(tiny_pets, download=False) == tiny_pets.resolve()
+    assert split_names(tiny_pets, "valid")[0] == "Abyssinian_1"
+
+
+@pytest.mark.parametrize(
+    ("encoded", "why"),
+    [
+        (SPLIT_LINES.encode("utf-16"), "byte 0xff"),  # with its BOM
+        (SPLIT_LINES.encode("utf-16-le"), "zero bytes"),  # without: decodes as UTF-8, a zero byte after each letter
+        ("Abyssinian_1 1 1 1\nchat_noir_\xe9 1 1 1\n".encode("latin-1"), "byte 0xe9 at offset 29"),
+    ],
+    ids=["utf-16", "utf-16 without a byte order mark", "one latin-1 byte"],
+)
+def test_a_split_file_in_another_encoding_is_named_with_what_to_do(tmp_path: Path, encoded: bytes, why: str) -> None:
+    path = tmp_path / "trainval.txt"
+    path.write_bytes(encoded)
+    with pytest.raises(DatasetError) as error:
+        read_names(path)
+    message = str(error.value)
+    assert "trainval.txt" in message and why in message and "save it as UTF-8" in message
+
+
+# ----------------------------------------------------------------------------- leakage, repeats, fingerprints
+
+
+def test_a_test_image_in_trainval_stops_the_run_with_its_names(tiny_pets: Path) -> None:
+    test_names = read_names(tiny_pets / "annotations" / "test.txt")
+    trainval = tiny_pets / "annotations" / "trainval.txt"
+    write_lines(trainval, [*read_names(trainval), test_names[2], test_names[0]])
+    with pytest.raises(DatasetError) as error:
+        oxford_pet.check_split_overlap(tiny_pets)
+    message = str(error.value)
+    assert f"2 names ({test_names[2]}, {test_names[0]}) are in both" in message
+    assert "trainval.txt" in message and "test.txt" in message and "remove the extra lines" in message
+
+
+def test_a_name_twice_in_a_split_file_is_reported(tiny_pets: Path) -> None:
+    test = tiny_pets / "annotations" / "test.txt"
+    names = read_names(test)
+    write_lines(test, [*names, names[1]])
+    with pytest.raises(DatasetError, match=rf"test.txt lists 1 name \({names[1]}\) more than once"):
+        oxford_pet.check_split_overlap(tiny_pets)
+
+
+def test_splits_kept_apart_pass(tiny_pets: Path) -> None:
+    oxford_pet.check_split_overlap(tiny_pets)
+
+
+def test_the_split_fingerprint_sees_names_not_only_counts(tiny_pets: Path) -> None:
+    before = oxford_pet.split_fingerprint(tiny_pets)
+    assert {split: fp["images"] for split, fp in before.items()} == {"train": 10, "valid": 2, "test": 3}
+    assert oxford_pet.split_fingerprint(tiny_pets) == before and oxford_pet.split_differences(before, before) == []
+
+    # One line moved to the top: the same images, but every line's train/valid place shifts by one.
+    trainval = tiny_pets / "annotations" / "trainval.txt"
+    names = read_names(trainval)
+    write_lines(trainval, [names[-1], *names[:-1]])
+    after = oxford_pet.split_fingerprint(tiny_pets)
+    assert {split: fp["images"] for split, fp in after.items()} == {"train": 10, "valid": 2, "test": 3}
+    assert oxford_pet.split_differences(before, after) == [
+        "the train split has the same number of images (10) but other names or another order",
+        "the valid split has the same number of images (2) but other names or another order",
+    ]
+    write_lines(trainval, [*names, "extra_1"])
+    changed = oxford_pet.split_differences(before, oxford_pet.split_fingerprint(tiny_pets))
+    assert changed[0] == "the train split had 10 images and now has 11"
+
+
+def test_the_dataset_record_holds_the_resolved_folder(tiny_pets: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tiny_pets.parent)
+    record = oxford_pet.dataset_record(Path(tiny_pets.name))
+    assert record == {"path": str(tiny_pets.resolve()), "splits": oxford_pet.split_fingerprint(tiny_pets)}
+
+
+# ----------------------------------------------------------------------------- evaluate.py and inference.py
+
+
+@pytest.mark.parametrize("script", [evaluate, inference])
+def test_a_mistyped_data_path_never_starts_a_download(
+    script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = write_run(tmp_path / "run")
+    typo = tmp_path / "oxford-iiit-pte"
+    monkeypatch.setattr(oxford_pet, "_download", lambda path: pytest.fail(f"a download into {path} began"))
+    with pytest.raises(DatasetError) as error:
+        script.main(["-m", str(run_dir), "--data_path", str(typo), "--device", "cpu", "--num-workers", "0"])
+    assert f"--data_path {oxford_pet.display_path(typo)}: no dataset there (no such folder)" in str(error.value)
+    assert not typo.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["-b", "0"], "-b/--batch_size"), (["-b", "-3"], "-b/--batch_size"), (["--num-workers", "-1"], "--num-workers")],
+)
+@pytest.mark.parametrize("script", ["evaluate", "inference"])
+def test_numeric_flags_are_usage_errors_before_anything_is_made(
+    script: str, flags: list[str], named: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = write_run(tmp_path / "run")
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir()
+    Image.new("RGB", (40, 30)).save(photos / "cat.jpg")
+    own_images = ["--input", str(photos), "--output", str(masks)] if script == "inference" else []
+    with pytest.raises(SystemExit) as exit_info:
+        {"evaluate": evaluate, "inference": inference}[script].main(
+            ["-m", str(run_dir), *own_images, "--device", "cpu", *flags]
+        )
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not masks.exists()
