@@ -1,8 +1,12 @@
-"""Command-line conventions of every script: each default shown once in --help, and no abbreviated flags."""
+"""Command-line conventions of every script: each default shown once in --help, no abbreviated flags, numbers
+checked as they are parsed, and commands printed so that they paste into the user's shell as they are."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import subprocess
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -74,3 +78,11 @@ def at_least(minimum: int, reason: str) -> Callable[[str], int]:
 
 
 image_size = at_least(32, "the encoders downsample 32x")
+
+
+def shell_command(words: list[str]) -> str:
+    """`words` as one command line that the user's shell splits back into exactly these words: paths with
+    spaces, `$`, quotes or non-ASCII letters are quoted (POSIX shells; on Windows, cmd's double quotes)."""
+    if os.name == "nt":
+        return subprocess.list2cmdline(words)
+    return shlex.join(words)

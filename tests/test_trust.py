@@ -3,14 +3,17 @@ effect or is refused, and no text, signal or second process costs a file or ends
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+import cli
 import evaluate
 import inference
 import oxford_pet
+from distributed import Processes
 from make_synthetic_pets import make_synthetic_pets
 from oxford_pet import DatasetError, prepare_dataset, read_names, split_names
 from test_user_facing import write_run
@@ -153,3 +156,26 @@ def test_numeric_flags_are_usage_errors_before_anything_is_made(
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err
     assert not masks.exists()
+
+
+# ----------------------------------------------------------------------------- the printed resume command
+
+AWKWARD_RUN = "saved models/it's a \"$HOME\" `run` & ü; *"
+
+
+@pytest.mark.parametrize(
+    "processes",
+    [Processes(), Processes(world_size=2, local_world_size=2, launched=True)],
+    ids=["python", "torchrun"],
+)
+def test_the_printed_resume_command_gives_back_the_exact_paths(processes: Processes) -> None:
+    script = "my scripts/$train's.py"
+    words = shlex.split(processes.resume_command(script, AWKWARD_RUN))
+    assert words[-3:] == [script, "--resume", AWKWARD_RUN]
+    assert words[0] == ("torchrun" if processes.launched else "python")
+
+
+def test_on_windows_the_resume_command_is_double_quoted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli.os, "name", "nt")
+    command = Processes().resume_command(r"src\train.py", r"C:\saved models\run 1")
+    assert command == r'python src\train.py --resume "C:\saved models\run 1"'
