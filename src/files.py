@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from errors import os_error_behind
+from interrupts import sigint_deferred
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,10 +43,13 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator:
             os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.close(fd)  # already closed unless fdopen itself failed
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        # An interrupt (Interrupted, from interrupts_raised) is one such error; a second one, say a torchrun
+        # passing Ctrl-C on again, waits until the temporary file is gone.
+        with sigint_deferred():
+            with contextlib.suppress(OSError):
+                os.close(fd)  # already closed unless fdopen itself failed
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
         os_error = os_error_behind(error)
         if os_error is not None and os_error.filename is None and os_error.errno is not None:
             os_error.filename = str(path)  # a failed write names no file: say which

@@ -3,7 +3,12 @@ effect or is refused, and no text, signal or second process costs a file or ends
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,12 +17,14 @@ from PIL import Image
 import cli
 import evaluate
 import inference
+import interrupts
 import oxford_pet
 from distributed import Processes
 from make_synthetic_pets import make_synthetic_pets
 from oxford_pet import DatasetError, prepare_dataset, read_names, split_names
 from test_user_facing import write_run
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 SPLIT_LINES = "Abyssinian_1 1 1 1\nbasset_hound_1 4 2 3\n"
 
 
@@ -179,3 +186,112 @@ def test_on_windows_the_resume_command_is_double_quoted(monkeypatch: pytest.Monk
     monkeypatch.setattr(cli.os, "name", "nt")
     command = Processes().resume_command(r"src\train.py", r"C:\saved models\run 1")
     assert command == r'python src\train.py --resume "C:\saved models\run 1"'
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+
+def run_python(code: str, **environment: str) -> subprocess.CompletedProcess:
+    """`code` run by a fresh Python with src/ importable: a signal sent there cannot hit the tests' own process."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), **environment}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_each_interrupt_exits_with_the_conventional_status() -> None:
+    assert interrupts.exit_status(KeyboardInterrupt()) == 130  # Python's own Ctrl-C
+    assert interrupts.exit_status(interrupts.Interrupted(signal.SIGINT)) == 130
+    assert interrupts.exit_status(interrupts.Interrupted(signal.SIGTERM)) == 143
+    assert interrupts.exit_status(signal.SIGTERM) == 143
+    assert isinstance(interrupts.Interrupted(signal.SIGTERM), KeyboardInterrupt), "every Ctrl-C handler takes it"
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
+@pytest.mark.parametrize(("name", "status"), [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_signal_mid_write_leaves_no_temporary_file_one_message_and_its_status(
+    tmp_path: Path, name: str, status: int
+) -> None:
+    result = run_python(f"""
+        import os, signal, sys
+        from errors import run_script
+        from files import atomic_write
+
+        def main():
+            with atomic_write(sys.argv[0] + "/last.pt") as file:
+                file.write(b"half a checkpoint")
+                os.kill(os.getpid(), signal.{name})  # the moment it comes, injected
+                file.write(b"the other half")
+
+        sys.argv[0] = {str(tmp_path)!r}
+        run_script(main)
+    """)
+    assert result.returncode == status, result.stderr
+    assert result.stderr.strip().startswith("Interrupted by") and name in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == [], "neither last.pt nor its temporary file"
+
+
+def test_a_second_signal_while_the_temporary_file_is_removed_waits_for_it(tmp_path: Path) -> None:
+    result = run_python(f"""
+        import os, signal
+        import files
+        from errors import run_script
+
+        real_remove = files.os.remove
+
+        def remove_after_a_second_ctrl_c(path):
+            os.kill(os.getpid(), signal.SIGINT)  # torchrun passing the terminal's Ctrl-C on
+            real_remove(path)
+
+        def main():
+            with files.atomic_write({str(tmp_path / "best.pt")!r}) as file:
+                file.write(b"weights")
+                files.os.remove = remove_after_a_second_ctrl_c
+                os.kill(os.getpid(), signal.SIGINT)
+
+        run_script(main)
+    """)
+    assert result.returncode == 130, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
+def test_a_write_held_from_interrupts_holds_sighup_too(tmp_path: Path) -> None:
+    result = run_python(f"""
+        import os, signal
+        from interrupts import Interrupted, sigint_deferred
+
+        try:
+            with sigint_deferred():
+                os.kill(os.getpid(), signal.SIGHUP)
+                open({str(tmp_path / "written")!r}, "w").close()
+        except Interrupted as interrupt:
+            print("raised after the block:", interrupt.signum == signal.SIGHUP)
+    """)
+    assert result.stdout.strip() == "raised after the block: True", result.stderr
+    assert (tmp_path / "written").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
+def test_a_signal_the_user_chose_to_ignore_stays_ignored() -> None:
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup python src/train.py` starts it
+    try:
+        with interrupts.interrupts_raised():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+# ----------------------------------------------------------------------------- text the terminal cannot show
+
+
+def test_output_an_ascii_only_terminal_cannot_show_is_escaped_not_a_crash() -> None:
+    result = run_python("""
+        from errors import run_script
+        run_script(lambda: print("saved_models/r\\u00fcn-\\u732b"))
+    """, PYTHONIOENCODING="ascii")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "saved_models/r\\xfcn-\\u732b"
