@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import pytest
 from PIL import Image
 
 import cli
 import evaluate
+import files
 import inference
 import interrupts
 import oxford_pet
@@ -295,3 +296,52 @@ def test_output_an_ascii_only_terminal_cannot_show_is_escaped_not_a_crash() -> N
     """, PYTHONIOENCODING="ascii")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "saved_models/r\\xfcn-\\u732b"
+
+
+# ----------------------------------------------------------------------------- big folders
+
+
+def test_finding_20000_images_compares_no_path_with_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(20_000):
+        (photos / f"IMG_{i:05d}.jpg").touch()
+    (photos / "notes.txt").touch()
+    monkeypatch.setattr(inference, "is_image", lambda path: path.suffix == ".jpg")
+    comparisons = []
+    real_eq = PurePath.__eq__
+
+    def counted_eq(self: PurePath, other: object) -> bool:
+        comparisons.append(1)
+        # A list-membership test per file makes about n² / 2 = 2e8 of them; stop long before.
+        assert len(comparisons) < 100_000, "finding images compares each file with every other: quadratic"
+        return real_eq(self, other)
+
+    with monkeypatch.context() as patch:  # undone before pytest, which compares paths too, reports a failure
+        patch.setattr(PurePath, "__eq__", counted_eq)
+        images = inference.find_images(photos, tmp_path / "masks")
+    assert len(images) == 20_000 and images[0].name == "IMG_00000.jpg" and images[-1].name == "IMG_19999.jpg"
+    assert len(comparisons) < 100
+    err = capsys.readouterr().err
+    assert "finding images" in err, "the search shows its progress"
+    assert "skipping 1 file(s)" in err and "notes.txt" in err
+
+
+def test_predicted_masks_are_not_flushed_to_the_disk_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = write_run(tmp_path / "run")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (40, 30), "orange").save(photos / f"{name}.jpg")
+    synced = []
+    monkeypatch.setattr(files.os, "fsync", synced.append)
+    inference.main(["-m", str(run_dir), "--input", str(photos), "--output", str(tmp_path / "masks"),
+                    "--device", "cpu", "--num-workers", "0"])
+    assert synced == []
+    assert sorted(path.name for path in (tmp_path / "masks").iterdir()) == [
+        f"{name}{suffix}" for name in ("a", "b", "c") for suffix in ("_mask.png", "_overlay.png")
+    ]
