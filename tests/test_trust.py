@@ -3,6 +3,7 @@ effect or is refused, and no text, signal or second process costs a file or ends
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -11,16 +12,21 @@ import sys
 import textwrap
 from pathlib import Path, PurePath
 
+import matplotlib.pyplot as plt
 import pytest
+import torch
 from PIL import Image
 
 import cli
+import compare
 import evaluate
 import files
 import inference
 import interrupts
 import oxford_pet
+import plots
 from distributed import Processes
+from errors import PetsegError
 from make_synthetic_pets import make_synthetic_pets
 from oxford_pet import DatasetError, prepare_dataset, read_names, split_names
 from test_user_facing import write_run
@@ -345,3 +351,142 @@ def test_predicted_masks_are_not_flushed_to_the_disk_one_by_one(
     assert sorted(path.name for path in (tmp_path / "masks").iterdir()) == [
         f"{name}{suffix}" for name in ("a", "b", "c") for suffix in ("_mask.png", "_overlay.png")
     ]
+
+
+# ----------------------------------------------------------------------------- any text the user types
+
+MATH_LOOKING = "lr_$10^$"  # matplotlib would read `$10^$` as math, and fail to draw it: a superscript of nothing
+
+
+def finished_run(folder: Path, dataset: dict | None = None, data_path: str | None = None) -> Path:
+    """write_run's run, its results.json holding oxford_pet.dataset_record's `dataset`, or flags with --data_path."""
+    write_run(folder)
+    results = json.loads((folder / "results.json").read_text())
+    if dataset is not None:
+        results["dataset"] = dataset
+    if data_path is not None:
+        results["args"] = {"data_path": data_path}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def table_rows(out: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in out.splitlines()[2:] if line[:1] == "|"]
+
+
+def test_runs_with_math_looking_names_go_through_the_figure_and_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    first = finished_run(tmp_path / MATH_LOOKING, data_path="/data/pets")
+    second = finished_run(tmp_path / "_ü \"quoted\" | piped", data_path="/data/pets")
+    compare.main([str(first), str(second), "-o", str(tmp_path / "comparison.png")])
+    assert [row[0] for row in table_rows(capsys.readouterr().out)] == [MATH_LOOKING, '_ü "quoted" \\| piped']
+    assert (tmp_path / "comparison.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_figure_legend_names_every_run_as_typed() -> None:
+    history = [{"epoch": 1, "train_loss": 1.0, "train_dice": 0.5, "valid_loss": 1.0, "valid_dice": 0.5}]
+    figure = plots.learning_curves_figure([(MATH_LOOKING, history), ("_starts_with_underscore", history)])
+    try:
+        legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+        assert legend[:2] == [MATH_LOOKING, "_starts_with_underscore"]
+    finally:
+        plt.close(figure)
+
+
+def test_test_image_captions_are_drawn_as_typed(tmp_path: Path) -> None:
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    plots.plot_cases([(f"heading {MATH_LOOKING}", [plots.Case(image, mask, mask, MATH_LOOKING)])],
+                     tmp_path / "cases.png", title=MATH_LOOKING)
+    assert (tmp_path / "cases.png").is_file()
+
+
+def test_a_figure_that_fails_is_a_warning_not_a_lost_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def no_font(*args, **kwargs) -> None:
+        raise RuntimeError("no font could be loaded")
+
+    monkeypatch.setattr(plt.Figure, "savefig", no_font)
+    history = [{"epoch": 1, "train_loss": 1.0, "train_dice": 0.5, "valid_loss": 1.0, "valid_dice": 0.5}]
+    open_before = plt.get_fignums()
+    assert plots.plot_learning_curves_or_warn([("r", history)], tmp_path / "curves.png", title="unet") is False
+    err = capsys.readouterr().err
+    assert err.startswith("warning: could not draw") and "curves.png" in err and "no font could be loaded" in err
+    assert plt.get_fignums() == open_before and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert plots.plot_learning_curves_or_warn([("r", history)], tmp_path / "curves.png", title="unet") is True
+
+
+def test_text_files_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    result = run_python(f"""
+        import json
+        from files import atomic_write
+
+        with atomic_write({str(tmp_path / "test_dice.csv")!r}, "w") as file:
+            file.write("name,dice\\r\\nchat_\\u00e9t\\u00e9,0.9\\r\\n")
+    """, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "test_dice.csv").read_bytes() == "name,dice\r\nchat_été,0.9\r\n".encode()
+
+
+# ----------------------------------------------------------------------------- compare.py: datasets and labels
+
+
+def test_two_runs_of_one_name_get_labels_that_tell_them_apart(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    first = finished_run(tmp_path / "lab" / "r", data_path="/data/pets")
+    second = finished_run(tmp_path / "home" / "r", data_path="/data/pets")
+    compare.main([str(first), str(second), "-o", str(tmp_path / "comparison.png")])
+    assert [row[0] for row in table_rows(capsys.readouterr().out)] == ["lab/r", "home/r"]
+    assert compare.unique_names([Path("x/a/r"), Path("y/a/r"), Path("b")]) == ["x/a/r", "y/a/r", "b"]
+
+
+def test_runs_of_different_datasets_are_refused_unless_allowed_and_then_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    first = finished_run(tmp_path / "pets", data_path="/data/oxford-iiit-pet")
+    second = finished_run(tmp_path / "synthetic", data_path="/tmp/syn")
+    figure = tmp_path / "comparison.png"
+    with pytest.raises(PetsegError) as error:
+        compare.main([str(first), str(second), "-o", str(figure)])
+    message = str(error.value)
+    assert "pets and synthetic were trained on different datasets" in message and "/tmp/syn" in message
+    assert "--allow-mixed-datasets" in message and not figure.exists()
+
+    compare.main([str(first), str(second), "-o", str(figure), "--allow-mixed-datasets"])
+    out, err = capsys.readouterr()
+    assert [row[-1] for row in table_rows(out)] == ["/data/oxford-iiit-pet", "/tmp/syn"]
+    assert "trained on different datasets" in err and figure.exists()
+
+
+def test_a_recorded_split_fingerprint_tells_datasets_apart_wherever_they_lie(
+    tmp_path: Path, tiny_pets: Path, capsys: pytest.CaptureFixture
+) -> None:
+    record = oxford_pet.dataset_record(tiny_pets)
+    moved = {**record, "path": "/elsewhere/oxford-iiit-pet"}  # the same split files, copied to another machine
+    changed = {**record, "splits": {**record["splits"], "test": {"images": 3, "sha256": "0" * 64}}}
+    same = [finished_run(tmp_path / "a", record), finished_run(tmp_path / "b", moved)]
+    compare.main([*map(str, same), "-o", str(tmp_path / "one.png")])
+    assert "different datasets" not in capsys.readouterr().err
+    with pytest.raises(PetsegError, match="different datasets"):
+        compare.main([str(same[0]), str(finished_run(tmp_path / "c", changed)), "-o", str(tmp_path / "two.png")])
+
+
+def test_a_run_that_does_not_record_its_dataset_says_unknown(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    known = finished_run(tmp_path / "known", data_path="/data/pets")
+    old = write_run(tmp_path / "old")
+    compare.main([str(known), str(old), "-o", str(tmp_path / "comparison.png")])
+    out, err = capsys.readouterr()
+    assert [row[-1] for row in table_rows(out)] == ["/data/pets", "unknown"]
+    assert "old does not record the dataset" in err
+
+
+def test_compare_output_survives_an_ascii_only_terminal(tmp_path: Path) -> None:
+    runs = [finished_run(tmp_path / name, data_path="/data/pets") for name in ("r\u00fcn_1", "r\u00fcn_2")]
+    result = subprocess.run(
+        [sys.executable, str(SRC / "compare.py"), *map(str, runs)], capture_output=True, text=True,
+        env={**os.environ, "PYTHONIOENCODING": "ascii", "PYTHONWARNINGS": "ignore"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| r\\xfcn_1 |" in result.stdout
