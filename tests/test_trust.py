@@ -23,6 +23,7 @@ import evaluate
 import files
 import inference
 import interrupts
+import locks
 import oxford_pet
 import plots
 from distributed import Processes
@@ -490,3 +491,47 @@ def test_compare_output_survives_an_ascii_only_terminal(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "| r\\xfcn_1 |" in result.stdout
+
+
+# ----------------------------------------------------------------------------- one live process per run folder
+
+
+def test_a_second_process_is_refused_a_run_folder_with_the_owners_process_id(tmp_path: Path) -> None:
+    run_dir = tmp_path / "saved models" / "r"
+    second = f"""
+        from pathlib import Path
+        from errors import run_script
+        from locks import run_lock
+
+        def main():
+            with run_lock(Path({str(run_dir)!r})):
+                print("trained into it")
+
+        run_script(main)
+    """
+    with locks.run_lock(run_dir):
+        refused = run_python(second)
+    assert refused.returncode == 1 and "trained into it" not in refused.stdout
+    assert refused.stderr.startswith("error: ") and "being written by another live process" in refused.stderr
+    assert f"(process id {os.getpid()})" in refused.stderr and "--run-name" in refused.stderr
+    assert not locks.lock_path(run_dir).exists(), "released"
+    assert run_python(second).stdout == "trained into it\n"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_the_lock_of_a_killed_run_does_not_block(tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    killed = run_python(f"""
+        import os, signal
+        from pathlib import Path
+        from locks import run_lock
+
+        with run_lock(Path({str(run_dir)!r})):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert killed.returncode == -signal.SIGKILL
+    stale = locks.lock_path(run_dir)
+    assert stale.read_text().strip().isdigit(), "the killed run's process id is still there"
+    with locks.run_lock(run_dir):
+        assert stale.read_text() == f"{os.getpid()}\n"
+    assert not stale.exists()
