@@ -411,9 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     add_eval_args(parser)
     parser.add_argument("--split", default="test", choices=SPLITS, help="which split to score")
     args = parser.parse_args(argv)
+    predictor = load_for_eval(args)
     # Only train.py downloads: a mistyped --data_path here is an error, not an 800 MB download into the typo.
     data_path = prepare_dataset(args.data_path, download=False)
-    predictor = load_for_eval(args)
     loader = checkpoint_loader(
         data_path, args.split, predictor.first, args.batch_size, args.num_workers, predictor.device,
         original_masks=True,

@@ -296,10 +296,10 @@ def figure_cases(
 
 
 def score_test_split(args: argparse.Namespace) -> None:
-    # Only train.py downloads: a mistyped --data_path here is an error, not an 800 MB download into the typo.
-    data_path = prepare_dataset(args.data_path, download=False)
     predictor = load_for_eval(args)
     model, device, amp = predictor.model, predictor.device, predictor.amp
+    # Only train.py downloads: a mistyped --data_path here is an error, not an 800 MB download into the typo.
+    data_path = prepare_dataset(args.data_path, download=False)
     loader = checkpoint_loader(
         data_path, "test", predictor.first, args.batch_size, args.num_workers, device, original_masks=True
     )
