@@ -66,7 +66,7 @@ class Run:
     parameters: int
     forward_flops: int  # one image at the run's image size
     dataset: Dataset
-    name: str = ""  # the folder's name, or as much of its path as tells it from the other runs' (unique_names)
+    name: str  # the folder's name, or as much of its path as tells it from the other runs' (unique_names)
 
     @property
     def label(self) -> str:
@@ -113,8 +113,9 @@ def read_history(path: Path) -> list[dict[str, float]]:
     return rows
 
 
-def load_run(folder: Path) -> Run:
-    """A finished run folder: its history, test results and best.pt's network, measured on the meta device."""
+def load_run(folder: Path, name: str | None = None) -> Run:
+    """A finished run folder: its history, test results and best.pt's network, measured on the meta device;
+    `name` labels it (default: the folder's name)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PetsegError(f"{folder} is not a folder; pass the run folders train.py wrote (in saved_models/).")
@@ -144,6 +145,7 @@ def load_run(folder: Path) -> Run:
         parameters=count_parameters(model),
         forward_flops=flops,
         dataset=run_dataset(results, checkpoint),
+        name=name or folder.name,
     )
 
 
@@ -226,9 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    runs = [load_run(folder) for folder in args.runs]
-    for run, name in zip(runs, unique_names(args.runs), strict=True):
-        run.name = name
+    runs = [load_run(folder, name) for folder, name in zip(args.runs, unique_names(args.runs), strict=True)]
     warnings = check_one_dataset(runs, args.allow_mixed_datasets)
     figure = unused_path(args.output or args.runs[0].resolve().parent / "comparison.png")
     plot_learning_curves(
