@@ -87,9 +87,9 @@ def read_names(split_path: Path) -> list[str]:
     try:
         text = data.decode("utf-8-sig")  # without this a BOM sticks to the first name, whose files are then "missing"
     except UnicodeDecodeError as error:
-        raise not_utf8(split_path, f"byte 0x{data[error.start]:02x} at offset {error.start} is not UTF-8") from error
+        raise _not_utf8(split_path, f"byte 0x{data[error.start]:02x} at offset {error.start} is not UTF-8") from error
     if "\0" in text:  # UTF-16 without a BOM decodes as UTF-8: every other byte of ASCII text is a zero
-        raise not_utf8(split_path, "it holds zero bytes, as UTF-16 text does")
+        raise _not_utf8(split_path, "it holds zero bytes, as UTF-16 text does")
     # Universal newlines, as open() reads them: a split file saved on Windows has \r\n.
     lines = text.replace("\r\n", "\n").replace("\r", "\n").strip("\n").split("\n")
     names = [line.split(" ")[0] for line in lines if line.strip()]
@@ -98,7 +98,7 @@ def read_names(split_path: Path) -> list[str]:
     return names
 
 
-def not_utf8(split_path: Path, why: str) -> DatasetError:
+def _not_utf8(split_path: Path, why: str) -> DatasetError:
     return DatasetError(
         f"the split file {display_path(split_path)} is not UTF-8 text ({why}): open it in a text editor and save "
         "it as UTF-8 (the official file is plain ASCII), or download the dataset afresh."
