@@ -284,11 +284,12 @@ def test_a_write_held_from_interrupts_holds_sighup_too(tmp_path: Path) -> None:
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
 def test_a_signal_the_user_chose_to_ignore_stays_ignored() -> None:
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup python src/train.py` starts it
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         with interrupts.interrupts_raised():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
-            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            assert signal.getsignal(signal.SIGTERM) is not sigterm
+        assert signal.getsignal(signal.SIGTERM) is sigterm
     finally:
         signal.signal(signal.SIGHUP, previous)
 
