@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cli import shell_command
 from devices import select_device
 from errors import PetsegError
 
@@ -50,12 +51,13 @@ class Processes:
         return range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
 
     def resume_command(self, script: str, run: str) -> str:
-        """The command that continues a run with the same processes."""
+        """The command that continues a run with the same processes, quoted for the user's shell."""
+        arguments = [script, "--resume", run]
         if not self.launched:
-            return f"python {script} --resume {run}"
+            return shell_command(["python", *arguments])
         if self.local_world_size == self.world_size:
-            return f"torchrun --standalone --nproc_per_node={self.world_size} {script} --resume {run}"
-        return f"the torchrun command that started the run, with {script} --resume {run}"
+            return shell_command(["torchrun", "--standalone", f"--nproc_per_node={self.world_size}", *arguments])
+        return f"the torchrun command that started the run, with {shell_command(arguments)}"
 
 
 def from_environment() -> Processes:

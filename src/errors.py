@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from interrupts import describe, exit_status, ignore_interrupts, interrupts_raised
 
 
 class PetsegError(Exception):
@@ -18,9 +22,30 @@ class PetsegError(Exception):
 def run_script(main: Callable[[], object]) -> None:
     """Run a script's main(); a PetsegError, or an operating-system error (disk full, read-only, permission
     denied, ...), becomes a one-paragraph message and exit code 1. Other errors are our bugs: they keep
-    their traceback."""
+    their traceback. SIGINT, SIGTERM and SIGHUP, wherever they come, end it with one line and the exit
+    status a shell expects (130, 143, 129), after every `finally` and atomic_write's cleanup has run."""
+    tolerate_unencodable_output()
+    with interrupts_raised():
+        _explained(main)
+
+
+def tolerate_unencodable_output() -> None:
+    """A character the terminal cannot show (an ASCII-only locale, PYTHONIOENCODING=ascii, a Windows console's
+    code page; in a run name or a path) is printed as an escape such as \\xfc instead of ending the script
+    with a UnicodeEncodeError, maybe before its results are written."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):  # not None (pythonw), nor a stream someone replaced
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _explained(main: Callable[[], object]) -> None:
     try:
         main()
+    except KeyboardInterrupt as interrupt:
+        ignore_interrupts()  # a second signal must not cut the message short
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone, and the exit status is what counts
+            print(f"\nInterrupted by {describe(interrupt)}.", file=sys.stderr)
+        sys.exit(exit_status(interrupt))
     except PetsegError as error:
         print(f"error: {_without_worker_traceback(error)}", file=sys.stderr)
         sys.exit(1)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import distributed
-from cli import argument_parser
+from cli import argument_parser, non_negative, positive
 from devices import autocast, default_amp, non_blocking, read_once, select_device
 from errors import PetsegError, display_path, run_script
 from oxford_pet import (
@@ -343,20 +343,21 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data_path", "--data-path", type=Path, default=DEFAULT_DATA_PATH,
-        help="dataset folder holding images/ and annotations/",
+        help="dataset folder holding images/ and annotations/ (never downloaded here: train.py downloads it)",
     )
     parser.add_argument(
         "-n", "--network", default=None,
         help="optional check: stop unless the checkpoint holds this network (it is read from the checkpoint anyway)",
     )
     parser.add_argument(
-        "-b", "--batch_size", "--batch-size", type=int, default=32, help="images per batch; lower it if memory runs out"
+        "-b", "--batch_size", "--batch-size", type=positive(int), default=32,
+        help="images per batch; lower it if memory runs out",
     )
     parser.add_argument(
         "--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto picks cuda, then mps, then cpu"
     )
     parser.add_argument(
-        "--num-workers", "--num_workers", type=int, default=default_num_workers(),
+        "--num-workers", "--num_workers", type=non_negative, default=default_num_workers(),
         help="processes that read images; 0 reads them in the main process (default: one per CPU core, at most 8)",
     )
     parser.add_argument(
@@ -420,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test", choices=SPLITS, help="which split to score")
     args = parser.parse_args(argv)
     predictor = load_for_eval(args)
-    data_path = prepare_dataset(args.data_path)
+    # Only train.py downloads: a mistyped --data_path here is an error, not an 800 MB download into the typo.
+    data_path = prepare_dataset(args.data_path, download=False)
     loader = checkpoint_loader(
         data_path, args.split, predictor.first, args.batch_size, args.num_workers, predictor.device,
         original_masks=True,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint_path
-from cli import argument_parser
+from cli import argument_parser, at_least
 from errors import PetsegError, display_path, run_script
 from files import atomic_write
 
@@ -44,14 +44,6 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 Agreement = tuple[tuple[int, ...], float, float]  # (input shape, max |ONNX - PyTorch|, max |logit|)
 
 
-def opset(text: str) -> int:
-    """argparse type: an ONNX opset the exporter writes directly."""
-    value = int(text)
-    if value < MIN_OPSET:
-        raise argparse.ArgumentTypeError(f"must be {MIN_OPSET} or more (older opsets need a lossy conversion)")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argument_parser(
         "Export a petseg checkpoint's model to ONNX (eval mode, without training-only heads) with free batch size, "
@@ -68,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists instead of refusing")
     parser.add_argument(
-        "--opset", type=opset, default=MIN_OPSET,
+        "--opset", type=at_least(MIN_OPSET, "older opsets need a lossy conversion"), default=MIN_OPSET,
         help=f"ONNX operator set version; the default {MIN_OPSET} is read by onnxruntime 1.14+ and most runtimes",
     )
     args = parser.parse_args(argv)

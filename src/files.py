@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from errors import os_error_behind
+from interrupts import sigint_deferred
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,11 @@ _UMASK = _read_umask()
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "wb") -> Iterator:
-    """Write to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file whole."""
+def atomic_write(path: Path, mode: str = "wb", durable: bool = True) -> Iterator:
+    """Write to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file whole.
+
+    durable syncs the file to the disk before the rename, so that it survives a power cut too (costing a disk
+    flush per file); without it the rename still leaves the old or the new file whole when the process dies."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -36,16 +40,23 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator:
         # mkstemp makes files private; give them the permissions open() would, where the file system has any.
         with contextlib.suppress(OSError):
             os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, mode) as file:
+        # Text in UTF-8 on every system (not the locale's encoding, in which a non-ASCII run name or image name
+        # may not exist), with the newlines as written: csv already ends its rows in \r\n.
+        text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+        with os.fdopen(fd, mode, **text) as file:
             yield file
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.close(fd)  # already closed unless fdopen itself failed
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        # An interrupt (Interrupted, from interrupts_raised) is one such error; a second one, say a torchrun
+        # passing Ctrl-C on again, waits until the temporary file is gone.
+        with sigint_deferred():
+            with contextlib.suppress(OSError):
+                os.close(fd)  # already closed unless fdopen itself failed
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
         os_error = os_error_behind(error)
         if os_error is not None and os_error.filename is None and os_error.errno is not None:
             os_error.filename = str(path)  # a failed write names no file: say which

@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM: held while a file is written, and turned into a KeyboardInterrupt the scripts explain."""
+"""Ctrl-C, SIGTERM and SIGHUP: one exception that says which signal came, held while a file is written, and
+ended with the exit status a shell expects (128 + the signal's number)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,82 @@ import signal
 import threading
 from collections.abc import Iterator
 
+# SIGTERM comes from a cluster's scheduler or `kill`; SIGHUP when the terminal goes (a dropped ssh session).
+# Windows has no SIGHUP.
+INTERRUPTS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+_DESCRIPTIONS = {"SIGINT": "Ctrl-C (SIGINT)", "SIGHUP": "SIGHUP (the terminal closed)"}
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that stops the script. A KeyboardInterrupt, so that whatever handles Ctrl-C (our scripts, and
+    PyTorch's DataLoader workers, which then leave quietly) handles SIGTERM and SIGHUP alike."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def signal_number(interrupt: BaseException) -> int:
+    """The signal behind an interrupt: Interrupted's own, else SIGINT (Python's default Ctrl-C handler)."""
+    return getattr(interrupt, "signum", int(signal.SIGINT))
+
+
+def exit_status(interrupt: BaseException | int) -> int:
+    """The exit status of a script an interrupt (or a signal number) stopped: 128 + the signal's number, as
+    shells report a process the signal ended: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + (interrupt if isinstance(interrupt, int) else signal_number(interrupt))
+
+
+def describe(interrupt: BaseException) -> str:
+    """The interrupt in words, e.g. "Ctrl-C (SIGINT)" or "SIGTERM"."""
+    name = signal.Signals(signal_number(interrupt)).name
+    return _DESCRIPTIONS.get(name, name)
+
+
+def _catchable() -> list[int]:
+    """The interrupts that may get a handler here: none off the main thread (Python allows handlers only there),
+    and none the process was started ignoring: `nohup` ignores SIGHUP, and a shell's `&` SIGINT, on purpose."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    return [signum for signum in INTERRUPTS if signal.getsignal(signum) is not signal.SIG_IGN]
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interrupts_raised() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted inside the block: from a script's first line, so that
+    every `finally` runs and atomic_write removes its temporary file for all three. Without it SIGTERM and
+    SIGHUP end the process on the spot, leaving a .tmp file of up to a checkpoint's size behind."""
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _catchable()}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def ignore_interrupts() -> None:
+    """Ignore SIGINT, SIGTERM and SIGHUP from here on: for the message about the first one, which a second
+    must not cut short (torchrun passes the terminal's Ctrl-C on to its processes again)."""
+    for signum in _catchable():
+        signal.signal(signum, signal.SIG_IGN)
+
 
 @contextlib.contextmanager
 def sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C (and SIGTERM, which train.py treats alike) until the block ends, so a checkpoint
-    being written is finished first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in held}
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, so that a file being written is finished (or
+    removed) first; then raise Interrupted for the first that came."""
+    received: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in _catchable()
+    }
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if received:
-        raise KeyboardInterrupt
+        raise Interrupted(received[0])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import sys
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -56,12 +58,28 @@ def split_file(data_path: Path, split: str) -> Path:
 
 
 def read_names(split_path: Path) -> list[str]:
-    """Image names of an official split file, in order (each line is `NAME CLASS_ID SPECIES BREED_ID`)."""
-    lines = Path(split_path).read_text().strip("\n").split("\n")
+    """Image names of an official split file, in order (each line is `NAME CLASS_ID SPECIES BREED_ID`).
+    UTF-8, with or without the byte-order mark some editors add; any other encoding is a DatasetError."""
+    data = Path(split_path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # without this a BOM sticks to the first name, whose files are then "missing"
+    except UnicodeDecodeError as error:
+        raise _not_utf8(split_path, f"byte 0x{data[error.start]:02x} at offset {error.start} is not UTF-8") from error
+    if "\0" in text:  # UTF-16 without a BOM decodes as UTF-8: every other byte of ASCII text is a zero
+        raise _not_utf8(split_path, "it holds zero bytes, as UTF-16 text does")
+    # Universal newlines, as open() reads them: a split file saved on Windows has \r\n.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").strip("\n").split("\n")
     names = [line.split(" ")[0] for line in lines if line.strip()]
     if not names:
         raise DatasetError(f"the split file {split_path} is empty; it should list one image name per line.")
     return names
+
+
+def _not_utf8(split_path: Path, why: str) -> DatasetError:
+    return DatasetError(
+        f"the split file {display_path(split_path)} is not UTF-8 text ({why}): open it in a text editor and save "
+        "it as UTF-8 (the official file is plain ASCII), or download the dataset afresh."
+    )
 
 
 def split_names(data_path: Path, split: str) -> list[str]:
@@ -74,6 +92,73 @@ def split_names(data_path: Path, split: str) -> list[str]:
     if split == "valid":
         return [name for i, name in enumerate(names) if i % 10 == 0]
     return names
+
+
+def check_split_overlap(data_path: Path) -> None:
+    """Refuse splits that share images, listing the names. A name in both trainval.txt and test.txt is trained on
+    and then scored as unseen (leakage); a name twice in one file lands in both train and valid, or weighs twice
+    in a mean: so a repeat is refused too, rather than warned of, since either way the number is not what it says."""
+    trainval_path, test_path = split_file(data_path, "train"), split_file(data_path, "test")
+    trainval, test = read_names(trainval_path), read_names(test_path)
+    problems = [
+        f"{display_path(path)} lists {_listed(repeated)} more than once"
+        for path, names in ((trainval_path, trainval), (test_path, test))
+        if (repeated := [name for name, count in Counter(names).items() if count > 1])
+    ]
+    in_test = set(test)
+    leaked = [name for name in dict.fromkeys(trainval) if name in in_test]
+    if leaked:
+        problems.append(
+            f"{_listed(leaked)} {'is' if len(leaked) == 1 else 'are'} in both {display_path(trainval_path)} "
+            f"(training and validation) and {display_path(test_path)} (test): the test score would count images "
+            "the model was trained on"
+        )
+    if problems:
+        raise DatasetError(
+            "the split files do not keep the splits apart:\n" + "\n".join(f"  {problem}" for problem in problems)
+            + "\nEach image belongs in one split file, once: remove the extra lines, or download the dataset afresh."
+        )
+
+
+def _listed(names: list[str], shown: int = 10) -> str:
+    """`3 names: a, b, c`, with at most `shown` of them spelled out."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} name{'s' if len(names) > 1 else ''} ({', '.join(names[:shown])}{more})"
+
+
+def split_fingerprint(data_path: Path) -> dict[str, dict[str, int | str]]:
+    """Per split (train, valid, test): {"images": its count, "sha256": the hash of its names in order, one a
+    line, in UTF-8}. An inserted, removed, renamed or reordered line changes the lab's split even when the
+    count stays, and changes the hash with it."""
+    return {split: _names_fingerprint(split_names(data_path, split)) for split in SPLITS}
+
+
+def _names_fingerprint(names: list[str]) -> dict[str, int | str]:
+    return {"images": len(names), "sha256": hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()}
+
+
+def dataset_record(data_path: Path) -> dict[str, object]:
+    """What a run's numbers depend on in the data, for results.json and checkpoints: {"path": the resolved
+    absolute folder, "splits": split_fingerprint}. compare.py reads it back to tell datasets apart."""
+    return {"path": str(Path(data_path).resolve()), "splits": split_fingerprint(data_path)}
+
+
+def split_differences(recorded: dict, current: dict) -> list[str]:
+    """How the splits of split_fingerprint `current` differ from `recorded` ones, a sentence each; [] when the same."""
+    differences = []
+    for split in SPLITS:
+        before, now = recorded.get(split), current.get(split)
+        if before == now:
+            continue
+        if before is None or now is None:
+            differences.append(f"the {split} split is {'not recorded' if before is None else 'missing now'}")
+        elif before["images"] != now["images"]:
+            differences.append(f"the {split} split had {before['images']} images and now has {now['images']}")
+        else:
+            differences.append(
+                f"the {split} split has the same number of images ({now['images']}) but other names or another order"
+            )
+    return differences
 
 
 def missing_files(data_path: Path) -> list[Path]:
@@ -139,8 +224,12 @@ def prepare_dataset(data_path: Path = DEFAULT_DATA_PATH, download: bool = True, 
             )
         return data_path
     if not download:
+        why = "the folder is empty" if data_path.is_dir() else "no such folder"
         raise DatasetError(
-            f"no dataset at {display_path(data_path)} and downloading is off.\n{manual_download_help(data_path)}"
+            f"--data_path {display_path(data_path)}: no dataset there ({why}). Check the path: it is the folder "
+            "holding images/ and annotations/. Only train.py downloads the dataset (on its first run, without "
+            f"--no-download, into {display_path(DEFAULT_DATA_PATH)}); to set it up elsewhere:\n"
+            f"{manual_download_help(data_path)}"
         )
     _download(data_path)
     return data_path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import ImageColor  # noqa: E402
 from torchvision.utils import draw_segmentation_masks  # noqa: E402
 
+from errors import display_path
 from files import atomic_write
 
 # Cyan is no fur colour, so the tint shows on orange, brown, cream, white and black pets alike; the
@@ -37,9 +39,16 @@ ERROR_COLORS = {
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    with atomic_write(Path(path)) as file:
-        fig.savefig(file, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_write(Path(path)) as file:
+            fig.savefig(file, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)  # pyplot keeps every open figure: one per epoch would add up, failed or not
+
+
+# Text the user chose (run names, image names, titles holding them) is drawn as typed: matplotlib would read
+# `$...$` in it as math, and fail to draw a name such as `lr$1e-3_$x^$` at all.
+AS_TYPED = {"parse_math": False}
 
 
 @dataclass
@@ -144,16 +153,16 @@ def plot_cases(sections: Sequence[tuple[str, Sequence[Case]]], path: Path, title
     fig = plt.figure(figsize=(2.4 * columns, 2.6 * sum(rows) + 0.8), layout="constrained")
     subfigs = fig.subfigures(len(sections), 1, squeeze=False, height_ratios=rows)[:, 0]
     for subfig, section_rows, (heading, cases) in zip(subfigs, rows, sections, strict=True):
-        subfig.suptitle(heading, fontsize=10)
+        subfig.suptitle(heading, fontsize=10, **AS_TYPED)
         for index, ax in enumerate(subfig.subplots(section_rows, columns, squeeze=False).flat):
             ax.axis("off")
             if index < len(cases):
                 case = cases[index]
                 ax.imshow(error_overlay(case.image, case.truth, case.prediction).permute(1, 2, 0).numpy())
-                ax.set_title(case.caption, fontsize=8)
+                ax.set_title(case.caption, fontsize=8, **AS_TYPED)
     legend = [Patch(color=color, label=label) for label, color in ERROR_COLORS.items()]
     fig.legend(handles=legend, loc="outside lower center", ncols=len(legend), frameon=False, fontsize=9)
-    fig.suptitle(title)
+    fig.suptitle(title, **AS_TYPED)
     _save(fig, path)
 
 
@@ -163,6 +172,7 @@ def learning_curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], title: st
     fig, (ax_dice, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     # A short run's points would otherwise hide in its lines (and a 1-epoch run is nothing but points).
     short = [len(history) < 30 for _, history in runs]
+    run_lines = []  # handed to the legend as they are: it would leave out a run whose name starts with "_"
     for index, ((label, history), points) in enumerate(zip(runs, short, strict=True)):
         color = f"C{index}"
         epochs = [row["epoch"] for row in history]
@@ -170,8 +180,10 @@ def learning_curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], title: st
         for ax, metric in ((ax_dice, "dice"), (ax_loss, "loss")):
             valid = [row[f"valid_{metric}"] for row in history]
             train = [row[f"train_{metric}"] for row in history]
-            ax.plot(epochs, valid, color=color, marker=valid_marker, label=label)
+            valid_line = ax.plot(epochs, valid, color=color, marker=valid_marker, label=label)[0]
             ax.plot(epochs, train, color=color, marker=train_marker, markerfacecolor="none", linestyle="--")
+            if ax is ax_dice:
+                run_lines.append(valid_line)
         best = max(history, key=lambda row: row["valid_dice"])
         ax_dice.plot(best["epoch"], best["valid_dice"], marker=BEST_MARKER, linestyle="", color=color, markersize=12)
     ax_dice.set_title("Dice")
@@ -195,12 +207,31 @@ def learning_curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], title: st
         Line2D([], [], color="gray", marker=train_marker, markerfacecolor="none", linestyle="--", label="train"),
         Line2D([], [], color="gray", marker=BEST_MARKER, linestyle="", markersize=12, label=best_label),
     ]
-    ax_dice.legend(handles=[*ax_dice.get_legend_handles_labels()[0], *key], fontsize=8)
+    for text in ax_dice.legend(handles=[*run_lines, *key], fontsize=8).get_texts():
+        text.set_parse_math(False)
     ax_loss.legend(handles=key[:2], fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, **AS_TYPED)
     return fig
 
 
 def plot_learning_curves(runs: Sequence[tuple[str, Sequence[dict]]], path: Path, title: str = "") -> None:
     """learning_curves_figure saved as a PNG (train.py's curves.png, compare.py's figure)."""
     _save(learning_curves_figure(runs, title), path)
+
+
+def plot_learning_curves_or_warn(runs: Sequence[tuple[str, Sequence[dict]]], path: Path, title: str = "") -> bool:
+    """plot_learning_curves, where a figure that cannot be drawn or written is a warning, not an error: a figure
+    is never worth the checkpoint or the results that would not be written after it. Whether it was drawn."""
+    figures_before = set(plt.get_fignums())
+    try:
+        plot_learning_curves(runs, path, title)
+    except Exception as error:  # noqa: BLE001 - any drawing failure (a font, a bad value, the disk) is the same to us
+        for number in set(plt.get_fignums()) - figures_before:
+            plt.close(number)  # half-made figures would otherwise stay in pyplot's keeping
+        print(
+            f"warning: could not draw {display_path(Path(path))} ({type(error).__name__}: {error}); "
+            "the run goes on without it, and its numbers are in history.csv.",
+            file=sys.stderr,
+        )
+        return False
+    return True
