@@ -24,7 +24,7 @@ from devices import fused_optimizer, needs_loss_scaling, restore_rng_states, rng
 from distributed import Processes
 from ema import MovingAverage
 from errors import PetsegError, display_path
-from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
+from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, split_differences
 
 # Flags that describe the machine rather than the experiment: --resume may change them.
 RESUMABLE_FLAGS = (
@@ -136,9 +136,14 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     return models.model_kwargs(args.network, args)
 
 
-def checkpoint_contents(args: argparse.Namespace, model: nn.Module, epoch: int, valid_dice: float, amp: bool) -> dict:
-    """What best.pt and last.pt hold for inference: the network, its options and weights, and how inputs are made."""
+def checkpoint_contents(
+    args: argparse.Namespace, model: nn.Module, epoch: int, valid_dice: float, amp: bool, dataset: dict | None = None
+) -> dict:
+    """What best.pt and last.pt hold for inference: the network, its options and weights, and how inputs are
+    made; and what their numbers depend on: the epoch, its valid Dice, the flags and the dataset
+    (oxford_pet.dataset_record)."""
     return {
+        "dataset": dataset,
         "network": args.network,
         "model_kwargs": model_kwargs(args),
         "model_state": model.state_dict(),
@@ -205,19 +210,65 @@ def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
         scaler.load_state_dict(state)
 
 
-def check_same_training_set(resume_from: dict, n_images: int, run_dir: Path, data_path: Path) -> None:
-    saved_images = resume_from["training"].get("train_images", n_images)
-    if saved_images != n_images:
+def check_same_data(resume_from: dict, dataset: dict, n_train_images: int, run_dir: Path) -> None:
+    """--resume continues on the data the run was trained on: the same split files, name for name (a run saved
+    before split fingerprints existed: the same number of training images), wherever the folder now is."""
+    saved = resume_from.get("dataset")
+    differences = [] if saved is None else split_differences(saved["splits"], dataset["splits"])
+    saved_images = resume_from["training"].get("train_images", n_train_images)
+    if saved_images != n_train_images:  # also --skip-bad leaving out other pairs
+        differences.append(f"it trained on {saved_images} images and now gets {n_train_images}")
+    if differences:
         raise PetsegError(
-            f"{display_path(run_dir)} trained on {saved_images} images, but {display_path(data_path)} now gives "
-            f"{n_images}; its learning-rate schedule is fixed to that many steps. Resume with the "
-            "data (and --skip-bad choice) it was trained on."
+            f"{display_path(run_dir)} cannot resume on {dataset['path']}: {'; '.join(differences)}. Resume it with "
+            f"the data (and --skip-bad choice) it was trained on"
+            f"{f' (--data_path {saved_path})' if (saved_path := (saved or {}).get('path')) else ''}, or train a new "
+            "run on this data (without --resume)."
         )
+    if saved is not None and saved["path"] != dataset["path"]:
+        print(f"note: the dataset is now at {dataset['path']} (the run trained on {saved['path']}); its split "
+              "files are the same, name for name.", file=sys.stderr)
+    elif saved is None:
+        print("note: this run was saved before runs recorded their split; only its number of training images "
+              "is checked.", file=sys.stderr)
 
 
-def merge_resumed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
-    """For --resume: the saved run's flags, with only the machine's (RESUMABLE_FLAGS) taken from the command
-    line; a recipe flag given with another value is a flag error. Returns the flags and the loaded last.pt."""
+def best_checkpoint_problem(best: dict | None, progress: Progress, run_id: str | None) -> str | None:
+    """Why best.pt is not this run's best (None when it is): missing, another run's, or another epoch's."""
+    if best is None:
+        return "there is no best.pt" if progress.best_epoch else None
+    if run_id is not None and best["args"].get("run_id") not in (None, run_id):
+        return f"its best.pt is another run's (run id {best['args']['run_id']}, this run's is {run_id})"
+    if (best["epoch"], best["valid_dice"]) != (progress.best_epoch, progress.best_dice):
+        return (f"its best.pt holds epoch {best['epoch']} (valid Dice {best['valid_dice']:.4f}), but this run's "
+                f"best is epoch {progress.best_epoch} (valid Dice {progress.best_dice:.4f})")
+    return None
+
+
+def adopt_newer_best(best: dict | None, progress: Progress, run_dir: Path) -> None:
+    """A best.pt of an epoch after last.pt's: the run was killed before its last.pt caught up (last.pt is written
+    by time). Those epochs are redone; the best they found stays the best to beat, and the one tested."""
+    if best is not None and best["epoch"] > progress.finished_epoch:
+        print(f"note: {display_path(run_dir / ckpt.BEST_NAME)} is from epoch {best['epoch']}, after last.pt's epoch "
+              f"{progress.finished_epoch}: the run stopped before last.pt caught up. The epochs after "
+              f"{progress.finished_epoch} are trained again; that best.pt stays the best to beat.", file=sys.stderr)
+        progress.best_epoch, progress.best_dice = best["epoch"], best["valid_dice"]
+
+
+def typed_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The flags given on the command line, whatever their value (argparse fills in a default only where an
+    attribute is not set yet, so what stays unset was not typed)."""
+    untyped = object()
+    namespace = argparse.Namespace(**{action.dest: untyped for action in parser._actions})
+    return {key for key, value in vars(parser.parse_args(argv, namespace)).items() if value is not untyped}
+
+
+def merge_resumed_flags(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, dict]:
+    """For --resume: the saved run's flags, with the machine's (RESUMABLE_FLAGS) taken from the command line
+    when typed; a typed recipe flag of another value than the run's is a flag error, even when it is the
+    default. Returns the flags and the loaded last.pt."""
     resume_path = ckpt.resolve_checkpoint_path(args.resume, ckpt.LAST_NAME)
     finished = (resume_path.parent / "results.json").exists()
     resume_from = ckpt.load_checkpoint(resume_path)
@@ -225,17 +276,14 @@ def merge_resumed_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
         raise ckpt.CheckpointError(
             f"{args.resume} holds weights only (a best.pt?); --resume needs the run's last.pt or its folder."
         )
-    saved = resume_from["args"]
-    for key, value in vars(args).items():
-        changed = value != parser.get_default(key)
-        if key not in RESUMABLE_FLAGS and changed and plain(value) != saved.get(key):
+    saved, typed = resume_from["args"], typed_flags(parser, argv)
+    for key in sorted(typed - set(RESUMABLE_FLAGS)):
+        if plain(getattr(args, key)) != saved.get(key, plain(parser.get_default(key))):
             parser.error(
-                f"--{key.replace('_', '-')} {plain(value)} differs from the resumed run's {saved.get(key)}; "
-                "a resumed run keeps its recipe. Start a new run to change it."
+                f"--{key.replace('_', '-')} {plain(getattr(args, key))} differs from the resumed run's "
+                f"{saved.get(key)}; a resumed run keeps its recipe. Start a new run to change it."
             )
-    overrides = {
-        key: plain(getattr(args, key)) for key in RESUMABLE_FLAGS if getattr(args, key) != parser.get_default(key)
-    }
+    overrides = {key: plain(getattr(args, key)) for key in RESUMABLE_FLAGS if key in typed}
     # Defaults first: a run saved before a flag existed resumes with that flag's default.
     merged = {**{key: plain(parser.get_default(key)) for key in vars(args)}, **saved, **overrides}
     args = argparse.Namespace(**{**merged, **{key: Path(merged[key]) for key in PATH_FLAGS}})

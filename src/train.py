@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,12 +44,21 @@ from ema import MovingAverage
 from errors import PetsegError, display_path, run_script
 from evaluate import EvalResult, eval_loader, evaluate, format_result
 from files import atomic_write, make_run_dir
-from interrupts import sigint_deferred
+from interrupts import describe as describe_interrupt
+from interrupts import exit_status, ignore_interrupts, interrupts_raised, sigint_deferred
+from locks import run_lock
 from losses import Loss, auxiliary_loss, build_loss
 from models import build_model, refused_options
 from models.stats import count_parameters, training_bytes
-from oxford_pet import DEFAULT_DATA_PATH, IMAGENET_MEAN, IMAGENET_STD, prepare_dataset
-from plots import plot_learning_curves
+from oxford_pet import (
+    DEFAULT_DATA_PATH,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_split_overlap,
+    dataset_record,
+    prepare_dataset,
+)
+from plots import plot_learning_curves_or_warn
 from run_state import Progress, Trainer, announce_resume, make_trainer
 from train_flags import build_parser
 from utils import logits_to_mask, per_image_dice
@@ -67,7 +76,7 @@ def parse_args(
     args = parser.parse_args(argv)
     resume_from = None
     if args.resume is not None:
-        args, resume_from = run_state.merge_resumed_flags(parser, args)
+        args, resume_from = run_state.merge_resumed_flags(parser, args, argv)
     if args.data_path != DEFAULT_DATA_PATH and not args.data_path.is_dir():
         parser.error(
             f"--data_path {args.data_path} is not a folder. Point it at the folder holding images/ and "
@@ -99,6 +108,7 @@ class Run:
     amp: bool
     batch_per_process: int  # this process's share of -b: computed once, here
     data_path: Path
+    dataset: dict  # oxford_pet.dataset_record: where the data is and a fingerprint of its splits
     run_dir: Path
     trainer: Trainer
     valid_loader: EvalBatches | DataLoader
@@ -112,28 +122,21 @@ def main(argv: list[str] | None = None) -> None:
     args, resume_from = parse_args(argv, processes)
     device = distributed.start(processes, args.device)
     finished = False
+    # SIGINT, SIGTERM and SIGHUP stop the run the same way from here on (interrupts.py); one live process per run
+    # folder (locks.py): a resumed run's is locked before anything is read from it, a new run's once it is made.
     try:
-        with stopped_by_sigterm(), quiet_unless(processes.is_main):
+        with interrupts_raised(), quiet_unless(processes.is_main), contextlib.ExitStack() as locked:
+            if args.resume is not None and processes.is_main:
+                locked.enter_context(run_lock(args.resume.parent))
             run = set_up(args, resume_from, device, processes)
+            if args.resume is None and processes.is_main:
+                locked.enter_context(run_lock(run.run_dir))
             with run.keeper, explained_stops(run):
                 train(run)
-                test = test_best(run)
-            write_results(run, test)
+                write_results(run, test_best(run))
         finished = True
     finally:
         distributed.stop(wait_for_others=finished)
-
-
-@contextlib.contextmanager
-def stopped_by_sigterm() -> Iterator[None]:
-    """SIGTERM (a cluster's scheduler, or torchrun passing one on) stops the run as Ctrl-C does."""
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 # ----------------------------------------------------------------------------- set up
@@ -146,9 +149,14 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
     configure_backends(device, args.deterministic)
     seed_everything(args.seed)
+    # Only a new run may download (into the folder it names); a resumed one trains on the data it had.
+    download = not args.no_download and resume_from is None
     data_path = distributed.first_on_each_machine(
-        processes, lambda: prepare_dataset(args.data_path, download=not args.no_download, skip_bad=args.skip_bad)
+        processes, lambda: prepare_dataset(args.data_path, download=download, skip_bad=args.skip_bad)
     )
+    check_split_overlap(data_path)
+    dataset = dataset_record(data_path)
+    args.data_path = data_path  # resolved: a resume from another folder finds the same data
     model = build_model(args.network, **run_state.model_kwargs(args)).to(device)
     per_process = args.batch_size // processes.world_size
     # What training needs on the GPU, which a GPU-resident cache must leave free (the average doubles the weights).
@@ -164,15 +172,17 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
     if resume_from is None:
         run_name = args.run_name or f"{args.network}_{datetime.now():%Y%m%d-%H%M%S}"
         run_dir = distributed.broadcast(make_run_dir(args.save_dir, run_name) if processes.is_main else None)
+        args.run_id = distributed.broadcast(uuid.uuid4().hex)  # best.pt and last.pt of one run carry the same
         progress = Progress()
     else:
         run_dir = args.resume.parent
-        run_state.check_same_training_set(resume_from, train_loader.n_images, run_dir, data_path)
+        run_state.check_same_data(resume_from, dataset, train_loader.n_images, run_dir)
         progress = run_state.restore(resume_from, trainer)
+        check_best_checkpoint(run_dir, progress, args, resuming=True)
         announce_resume(resume_from, progress, run_dir, processes)
     args.processes = processes.world_size
     keeper = Bookkeeper(run_dir, device, args.save_every, processes.is_main, saved_epoch=progress.finished_epoch)
-    run = Run(args, processes, device, amp, per_process, data_path, run_dir, trainer, valid_loader,
+    run = Run(args, processes, device, amp, per_process, data_path, dataset, run_dir, trainer, valid_loader,
               build_loss(args.loss), progress, keeper)
     print(start_line(run, n_valid, channels_last, train_loader.cached))
     return run
@@ -303,14 +313,16 @@ def read_on_host(sums: torch.Tensor, first_bad_step: torch.Tensor, step: int) ->
 
 def checkpoint_contents(run: Run, epoch: int, valid_dice: float) -> dict:
     """What last.pt holds at the end of `epoch`: the weights and all --resume needs (best.pt: without "training")."""
-    contents = run_state.checkpoint_contents(run.args, run.trainer.validated(), epoch, valid_dice, run.amp)
+    contents = run_state.checkpoint_contents(
+        run.args, run.trainer.validated(), epoch, valid_dice, run.amp, run.dataset
+    )
     return {**contents, "training": run_state.training_state(run.trainer, run.progress)}
 
 
 def draw_curves(run: Run) -> None:
     if not run.progress.history:
         return  # stopped before the first epoch ended
-    plot_learning_curves(
+    plot_learning_curves_or_warn(  # a figure that fails is a warning, never a lost run
         [(run.run_dir.name, run.progress.history)], run.run_dir / "curves.png",
         title=f"{run.args.network}: train (dashed) and valid (solid)",
     )
@@ -334,12 +346,11 @@ def explained_stops(run: Run) -> Iterator[None]:
     args, progress, processes = run.args, run.progress, run.processes
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, SIGTERM or SIGHUP (interrupts.Interrupted)
         # torchrun passes the terminal's Ctrl-C (or a scheduler's SIGTERM) on again: a second one must not
         # cut this message short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("\nInterrupted.", file=sys.stderr)
+        ignore_interrupts()
+        print(f"\nInterrupted by {describe_interrupt(interrupt)}.", file=sys.stderr)
         saved_epoch = save_before_stopping(run)
         if saved_epoch:
             command = processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
@@ -352,7 +363,7 @@ def explained_stops(run: Run) -> Iterator[None]:
             print("No epoch had finished, so there is nothing to resume; start the run again.", file=sys.stderr)
             if processes.is_main and not any(run.run_dir.iterdir()):
                 run.run_dir.rmdir()
-        sys.exit(130)
+        sys.exit(exit_status(interrupt))
     except NonFiniteLoss as error:
         save_before_stopping(run)
         if not processes.is_main:
@@ -385,12 +396,29 @@ def test_best(run: Run) -> EvalResult:
     (the same loader inference.py uses)."""
     args, processes = run.args, run.processes
     distributed.barrier()  # best.pt is written
-    run.trainer.validated().load_state_dict(ckpt.load_checkpoint(run.run_dir / ckpt.BEST_NAME)["model_state"])
+    best = check_best_checkpoint(run.run_dir, run.progress, args, resuming=False)
+    run.trainer.validated().load_state_dict(best["model_state"])
     test_loader = eval_loader(
         run.data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, run.batch_per_process,
         args.num_workers, run.device, skip_bad=args.skip_bad, original_masks=True, shard=processes.shard,
     )
     return evaluate(run.trainer.validated(), test_loader, run.device, amp=run.amp, loss_fn=run.loss_fn, desc="test")
+
+
+def check_best_checkpoint(run_dir: Path, progress: Progress, args: argparse.Namespace, resuming: bool) -> dict | None:
+    """best.pt, if it is this run's best (checked before a resumed run trains, and before the test scores it);
+    else one error saying what is wrong and what to do, so that no run reports another model's Test Dice."""
+    path = run_dir / ckpt.BEST_NAME
+    best = ckpt.load_checkpoint(path) if path.is_file() else None
+    if resuming:
+        run_state.adopt_newer_best(best, progress, run_dir)
+    problem = run_state.best_checkpoint_problem(best, progress, getattr(args, "run_id", None))
+    if problem is not None:
+        raise PetsegError(
+            f"{display_path(run_dir)}: {problem}, so its Test Dice would not be this run's. Put the run's own "
+            f"best.pt back beside its last.pt, or train a new run (without --resume)."
+        )
+    return best
 
 
 def write_results(run: Run, test: EvalResult) -> None:
@@ -409,6 +437,7 @@ def write_results(run: Run, test: EvalResult) -> None:
         "best_epoch": progress.best_epoch,
         "epochs_run": len(progress.history),
         "valid_dice": progress.best_dice,
+        "dataset": run.dataset,
         "test": test.summary(),
         "train_seconds": sum(row["seconds"] for row in progress.history),
         "args": run_state.plain_args(run.args),
