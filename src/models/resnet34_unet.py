@@ -1,10 +1,10 @@
 """UNet with a ResNet34 encoder whose parameter names match torchvision's resnet34."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .unet import DoubleConv, auxiliary_heads, init_weights
+from .upsample import resize_bilinear
 
 
 class BasicBlock(nn.Module):
@@ -73,7 +73,7 @@ class DecoderBlock(nn.Module):
         self, x: torch.Tensor, size: torch.Size, skip: torch.Tensor | None = None
     ) -> torch.Tensor:
         # Interpolating to an explicit size (not scale_factor=2) keeps odd input sizes aligned.
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = resize_bilinear(x, size)
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
         return self.conv(x)
