@@ -238,8 +238,8 @@ def parse_args(argv: list[str] | None) -> Namespace:
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="images per training step and valid batch")
     parser.add_argument(
         "--valid-images", type=int, default=FULL_VALID_IMAGES,
-        help="images of the timed validation pass (the full split's valid images by default); the projection "
-        "scales it to those",
+        help=f"images of the timed validation pass (default: {FULL_VALID_IMAGES}, the full split's); the "
+        "projection scales it to those",
     )
     parser.add_argument(
         "--steps", type=int, default=None, help="timed training steps (default: 30 on CUDA, 2 elsewhere)"

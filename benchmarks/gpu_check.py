@@ -72,8 +72,8 @@ STAGES = (
     Stage("syncs", "Syncs per training step (train.py on synthetic data)", 30, 25),
     Stage("determinism", "--deterministic: two runs, their weights compared", 60, 45),
     Stage("torchrun", "torchrun --nproc_per_node=1: one epoch, resume, exit 0", 80, 70),
-    Stage("bookkeeping", "The epoch's bookkeeping beside its training step, and the full run with it", 45, 35),
-    Stage("throughput", "Throughput, memory per image, and the full recipe's time at that speed", 55, 40),
+    Stage("bookkeeping", "The epoch's bookkeeping beside its training step, and the full run with it", 50, 35),
+    Stage("throughput", "Throughput, memory per image, and the full recipe's time at that speed", 50, 40),
     Stage("sample", "Both networks on the real sample: Dice against epochs, the full run projected", None, 60),
 )
 
