@@ -469,12 +469,14 @@ def planned_epochs(seconds: float, n_train: int, n_valid: int, measured: dict | 
     bookkeeping stage's seconds per step, validation and writes (last.pt and the figure every epoch, as
     train.py before the bookkeeping policy does: a run that writes less ends early), besides
     SAMPLE_OVERHEAD_SECONDS; without them, UNMEASURED_EPOCHS."""
+    from train_speed import RECIPE_EPOCHS
+
     if measured is None:
         return UNMEASURED_EPOCHS, f"{UNMEASURED_EPOCHS} (no measured speed: the bookkeeping stage did not finish)"
     epoch = (n_train // measured["batch_size"] * measured["step"]
              + measured["validation"] * n_valid / measured["valid_images"]
              + measured["last"] + measured["best"] + measured["figure"] + measured["history"])
-    epochs = max(0, min(200, int((seconds - SAMPLE_OVERHEAD_SECONDS) / epoch)))
+    epochs = max(0, min(RECIPE_EPOCHS, int((seconds - SAMPLE_OVERHEAD_SECONDS) / epoch)))
     return epochs, (f"{epochs} ({seconds:.0f} s less {SAMPLE_OVERHEAD_SECONDS:.0f} s of start and test, at "
                     f"{epoch:.2f} s an epoch)")
 
@@ -506,8 +508,9 @@ def sample_row(network: str, plan: str, code: int | None, run_dir: Path, n_train
 def sample(ctx: Context) -> None:
     """Both networks' defaults at 256² on the real sample, each for as many epochs as half the time left allows."""
     from oxford_pet import split_names
+    from train_speed import FULL_TRAIN_IMAGES
 
-    size, networks = (32, ("resnet34_unet", "unet")) if ctx.smoke else (256, ("resnet34_unet", "unet"))
+    size, networks = 32 if ctx.smoke else 256, ("resnet34_unet", "unet")
     smoke_flags = ["--device", "cpu", "--num-workers", "0", "-b", "4"] if ctx.smoke else []
     n_train, n_valid = (len(split_names(ctx.sample, split)) for split in ("train", "valid"))
     measured = json.loads(ctx.measured.read_text()) if ctx.measured is not None and ctx.measured.exists() else {}
@@ -516,9 +519,9 @@ def sample(ctx: Context) -> None:
     intro = [f"train.py's defaults{' (toy flags ' + shlex.join(smoke_flags) + ')' if smoke_flags else ''} at {size}² "
              f"on the sample ({n_train} train / {n_valid} valid images), each network for as many epochs as half the "
              "time left allows. The projection scales the median epoch (training and validation, after the first) "
-             "by the full split's 3312 train images: the bookkeeping stage has the writes.", ""]
+             f"by the full split's {FULL_TRAIN_IMAGES} train images: the bookkeeping stage has the writes.", ""]
     rows: list[list[object]] = []
-    commands: list[str] = []
+    commands, failures = [], []
     for index, network in enumerate(networks):
         seconds = (ctx.deadline - time.monotonic()) / (len(networks) - index)
         epochs, plan = (1, "1 (`--smoke`)") if ctx.smoke else planned_epochs(
@@ -531,9 +534,11 @@ def sample(ctx: Context) -> None:
                    *smoke_flags]
         commands.append(shown(command))
         ctx.write([*intro, *table(columns, rows), "", f"{network}: running {commands[-1]}"])
-        code, _, _ = run_logged(ctx, command, deadline=time.monotonic() + seconds)
+        code, text, _ = run_logged(ctx, command, deadline=time.monotonic() + seconds)
         rows.append(sample_row(network, plan, code, ctx.runs_dir / "sample" / network, n_train))
-    ctx.write([*intro, *table(columns, rows), "", "Commands:", "", *(f"- {command}" for command in commands)])
+        failures += [] if code in (0, None) else ["", f"{network} failed; the end of its output:", *tail(text, 20)]
+    ctx.write([*intro, *table(columns, rows), "", "Commands:", "", *(f"- {command}" for command in commands),
+               *failures])
     failed = [row[0] for row in rows if "**failed**" in str(row[2])]
     ctx.conclude("fail" if failed else "ok", f"{', '.join(failed)} failed" if failed else
                  "; ".join(f"{row[0]}: {row[2]}" for row in rows))
