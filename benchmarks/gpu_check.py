@@ -1,23 +1,32 @@
 """Everything a first GPU run must show, in one prepared command of at most --budget-minutes (8 by
-default: room for one rerun in a quarter of an hour), written to one markdown report.
+default, the window a first GPU gets: python's and torch's start, CUDA's and cuDNN's included, the
+machine's own start-up not), run once, written to one markdown report.
 
     python benchmarks/gpu_check.py --output OUT --sample .carry/sample
     python benchmarks/gpu_check.py --output OUT --sample ../shared/oxford-iiit-pet-sample --smoke   # CPU, toy sizes
 
-Five stages, each a process of its own (benchmarks/gpu_stages.py) with a time limit taken from the budget:
-1. torch, CUDA and cuDNN versions, the GPU, its capability and the wheel's arch list; the suite's
-   CUDA-only tests (`pytest -m cuda`);
-2. a short train.py run on synthetic data, syncs per training step counted against the budget;
-3. benchmarks/throughput.py: the training table (cache in GPU or page-locked memory, loader-fed vs
-   compute-only, bf16 and forced fp16 with a scaler, eager vs torch.compile, cudnn.benchmark on and
-   off), peak memory per image of both networks, and what 200 epochs of the full split would take;
+Seven stages, each a process of its own (benchmarks/gpu_stages.py) with a time limit from the plan in
+STAGES: each may run to its planned end (seconds an earlier stage saved roll on to the next) while the
+stages after it keep their floors; the last takes what is left.
+1. platform: torch, CUDA and cuDNN versions, the GPU, its capability and the wheel's arch list; the
+   suite's CUDA-only tests (`pytest -m cuda`);
+2. syncs: a short train.py run on synthetic data, syncs per training step counted against the budget;
+3. determinism: two `train.py --deterministic` runs of one command, their final weights compared bit
+   for bit;
 4. torchrun --nproc_per_node=1 (NCCL): one epoch, a resume, exit 0;
-5. with the time left, the recipe study on the real sample (--sample) at 256², 200 epochs: the
-   defaults of both networks, then the README's candidates, seed after seed, as many as fit.
+5. bookkeeping: benchmarks/bookkeeping_speed.py at the recipe's sizes: a training step, validation, last.pt,
+   best.pt, the figure and history.csv per network, and the full run's time with them;
+6. throughput: benchmarks/throughput.py --no-compile: the input pipeline and the training table (cache
+   in GPU or page-locked memory, loader-fed vs compute-only, bf16 and forced fp16 with a scaler,
+   cudnn.benchmark on and off), peak memory per image, and what 200 epochs of the full split take;
+7. sample: both networks' defaults at 256² on the real sample (--sample), each for as many epochs as
+   half the time left allows (planned from stage 5's measured speed): valid Dice against epochs, test
+   Dice, and the full run's time projected.
 
-OUT/gpu_check.md is rewritten (atomically) while each stage runs, so a run cut off still holds what
-finished; OUT/N-STAGE.log holds each stage's output. A stage short of time is skipped with a line
-saying so; one that fails is reported with the end of its log, and the next one starts.
+OUT/gpu_check.md is rewritten (atomically) as every stage goes, so a run cut off still holds what
+finished; OUT/N-STAGE.log holds each stage's output. Each stage reports an outcome: ok, fail or skipped,
+and why. A stage short of time is skipped with a line saying so; one that fails is reported with the
+end of its log, and the next one starts.
 """
 
 from __future__ import annotations
@@ -44,28 +53,35 @@ GPU_STAGES = REPO_ROOT / "benchmarks" / "gpu_stages.py"
 REPORT_NAME = "gpu_check.md"
 FINAL_MARGIN = GRACE_SECONDS + 5.0  # at the budget's end: a stopped stage's grace, then the last report
 LOG_LIMIT = 15 * 2**20  # bytes a stage's log keeps (its start and its end)
+MEASURED = "measured.json"  # the bookkeeping stage's seconds, which the sample stage plans its epochs by
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     title: str
-    share: float | None  # of the budget at most; None: whatever is left
+    planned: float | None  # seconds it may take at most, unless earlier stages saved some; None: what is left
     minimum: float  # seconds below which it is skipped
 
 
+# Estimates from the CPU and from what each stage starts (a process importing torch and starting CUDA takes
+# seconds; the first pays the cold start), not yet measured on a GPU: the report's seconds column will tell.
+# A stage's commands stop a little before its limit (gpu_stages.STOP_GRACE), so it can still report.
 STAGES = (
-    Stage("platform", "Platform: versions, the GPU, the CUDA-only tests", 0.10, 20),
-    Stage("syncs", "Syncs per training step (train.py on synthetic data)", 0.08, 20),
-    Stage("throughput", "Throughput, memory per image, and the full recipe's time at that speed", 0.40, 60),
-    Stage("torchrun", "torchrun --nproc_per_node=1: one epoch, resume, exit 0", 0.12, 30),
-    Stage("study", "Recipe study on the real sample", None, 60),
+    Stage("platform", "Platform: versions, the GPU, the CUDA-only tests", 70, 45),
+    Stage("syncs", "Syncs per training step (train.py on synthetic data)", 30, 25),
+    Stage("determinism", "--deterministic: two runs, their weights compared", 60, 45),
+    Stage("torchrun", "torchrun --nproc_per_node=1: one epoch, resume, exit 0", 80, 70),
+    Stage("bookkeeping", "The epoch's bookkeeping beside its training step, and the full run with it", 50, 35),
+    Stage("throughput", "Throughput, memory per image, and the full recipe's time at that speed", 50, 40),
+    Stage("sample", "Both networks on the real sample: Dice against epochs, the full run projected", None, 60),
 )
 
 
 @dataclass
 class Outcome:
-    status: str = "not reached"
+    status: str = "not reached"  # of the stage's process: finished, failed, cut off, skipped
+    verdict: str = ""  # the stage's own: ok, fail or skipped, and why
     seconds: float | None = None
     limit: float | None = None
     section: str = ""
@@ -92,34 +108,39 @@ class Check:
             f"# GPU check, {self.date:%Y-%m-%d %H:%M}", "", "```",
             " ".join(["python benchmarks/gpu_check.py", *self.argv]), "```", "",
             f"Budget {self.args.budget_minutes:g} minutes{smoke}; {time.monotonic() - self.started:.0f} s so far. "
-            "Each stage's output is in `N-STAGE.log` beside this file.", "",
-            "| stage | status | seconds | limit |", "|---|---|---:|---:|",
+            "Status is the stage's process; outcome is the stage's own verdict. A stage may run to its planned end "
+            "(seconds an earlier one saved roll on) while the later ones keep their floors. Each stage's output is "
+            "in `N-STAGE.log` beside this file.", "",
+            "| stage | status | outcome | seconds | limit | planned (floor) |", "|---|---|---|---:|---:|---:|",
         ]
         for number, stage in enumerate(STAGES, start=1):
             outcome = self.outcomes[stage.name]
             seconds = "" if outcome.seconds is None else f"{outcome.seconds:.0f}"
             limit = "" if outcome.limit is None else f"{outcome.limit:.0f}"
-            lines.append(f"| {number}. {stage.name} | {outcome.status} | {seconds} | {limit} |")
+            planned = "the rest" if stage.planned is None else f"{stage.planned:.0f}"
+            lines.append(f"| {number}. {stage.name} | {outcome.status} | {outcome.verdict} | {seconds} | {limit} "
+                         f"| {planned} ({stage.minimum:.0f}) |")
         for number, stage in enumerate(STAGES, start=1):
             outcome = self.outcomes[stage.name]
-            lines += ["", f"## {number}. {stage.title}", "", f"*{outcome.status}*"]
+            heading = f"*{outcome.status}*" + (f"; outcome {outcome.verdict}" if outcome.verdict else "")
+            lines += ["", f"## {number}. {stage.title}", "", heading]
             lines += ["", outcome.section.rstrip()] if outcome.section.strip() else []
             lines += ["", *outcome.detail] if outcome.detail else []
         return "\n".join(lines) + "\n"
 
     def limit(self, index: int) -> float:
-        """Seconds stage `index` may take: until its planned end (the shares of the budget of it and
-        the stages before, so time an earlier stage saved rolls on), less what the later stages need
-        at the least; the last stage takes what is left."""
+        """Seconds stage `index` may take: until its planned end (the planned seconds of it and the stages
+        before, so time an earlier stage saved rolls on), less what the later stages need at the least; the
+        last stage takes what is left."""
         left = self.deadline - time.monotonic() - FINAL_MARGIN
-        if STAGES[index].share is None:
+        if STAGES[index].planned is None:
             return left
-        planned_end = self.started + self.budget * sum(stage.share for stage in STAGES[: index + 1])
+        planned_end = self.started + sum(stage.planned or 0 for stage in STAGES[: index + 1])
         later = sum(stage.minimum for stage in STAGES[index + 1 :] if self.skip_reason(stage) is None)
         return min(planned_end - time.monotonic(), left - later)
 
     def skip_reason(self, stage: Stage) -> str | None:
-        if stage.name == "study" and self.args.sample is None:
+        if stage.name == "sample" and self.args.sample is None:
             return "skipped: no --sample given (the real sample's folder)"
         return None
 
@@ -130,14 +151,14 @@ class Check:
         if reason is None and limit < stage.minimum:
             reason = f"skipped: {max(limit, 0):.0f} s left for it, and it needs at least {stage.minimum:.0f} s"
         if reason is not None:
-            outcome.status = reason
+            outcome.status, outcome.verdict = reason, "skipped"
             self.write()
             print(f"gpu_check: stage {index + 1}, {stage.name}: {reason}", flush=True)
             return
-        section = scratch / f"{stage.name}.md"
+        section, verdict = scratch / f"{stage.name}.md", scratch / f"{stage.name}.outcome"
         log = self.args.output / f"{index + 1}-{stage.name}.log"
         command = [sys.executable, str(GPU_STAGES), stage.name, "--section", str(section), "--log", str(log),
-                   "--seconds", f"{limit:.0f}"]
+                   "--seconds", f"{limit:.0f}", "--outcome", str(verdict), "--measured", str(scratch / MEASURED)]
         command += ["--smoke"] if self.args.smoke else []
         command += ["--sample", str(self.args.sample)] if self.args.sample is not None else []
         command += ["--runs-dir", str(self.args.runs_dir)]
@@ -149,6 +170,7 @@ class Check:
         def refresh() -> None:
             outcome.seconds = time.monotonic() - start
             outcome.section = section.read_text() if section.exists() else ""
+            outcome.verdict = emphasised(verdict.read_text().strip()) if verdict.exists() else ""
             self.write()
 
         try:
@@ -163,10 +185,16 @@ class Check:
         outcome.status = {0: "finished", None: f"cut off at its limit of {limit:.0f} s: what is above finished"}.get(
             code, f"**failed** (exit code {code})"
         )
+        outcome.verdict = outcome.verdict or "none reported"
         if code != 0:
             outcome.detail = ["End of its log:", "", "```", *tail_lines(log, 25), "```"]
         self.write()
         print(f"gpu_check: stage {index + 1}, {stage.name}: {outcome.status} ({outcome.seconds:.0f} s)", flush=True)
+
+
+def emphasised(verdict: str) -> str:
+    """A stage's verdict for the report, a failure in bold."""
+    return f"**{verdict}**" if verdict.startswith("fail") else verdict
 
 
 def child_environment() -> dict[str, str]:
@@ -209,13 +237,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, help="folder for gpu_check.md and the stages' logs")
     parser.add_argument(
         "--sample", type=Path, default=None,
-        help="the real sample's folder (images/ and annotations/) for the recipe study; without it stage 5 is skipped",
+        help="the real sample's folder (images/ and annotations/) for the last stage; without it that stage is skipped",
     )
-    parser.add_argument("--smoke", action="store_true", help="every stage on the CPU at toy sizes, in a few minutes")
+    parser.add_argument("--smoke", action="store_true", help="every stage on the CPU at toy sizes, in a minute or two")
     parser.add_argument("--budget-minutes", type=positive_minutes, default=8.0, help="time for all the stages")
     parser.add_argument(
         "--runs-dir", type=Path, default=None,
-        help="where the recipe study's runs go (default: a new saved_models/gpu_check_DATE-TIME)",
+        help="where the sample stage's runs and the bookkeeping stage's writes go (default: a new "
+        "saved_models/gpu_check_DATE-TIME)",
     )
     args = parser.parse_args(argv)
     if args.output.exists() and not args.output.is_dir():
@@ -256,9 +285,10 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, previous)
     report = args.output / REPORT_NAME
     print(f"gpu_check: report in {display_path(report)}, {time.monotonic() - check.started:.0f} s in all")
-    failed = [stage.name for stage in STAGES if check.outcomes[stage.name].status.startswith("**failed")]
+    failed = [stage.name for stage in STAGES if check.outcomes[stage.name].status.startswith("**failed")
+              or check.outcomes[stage.name].verdict.startswith("**fail")]
     if failed:
-        raise PetsegError(f"stage(s) {', '.join(failed)} failed; {display_path(report)} shows the end of their logs.")
+        raise PetsegError(f"stage(s) {', '.join(failed)} failed; {display_path(report)} shows why.")
 
 
 if __name__ == "__main__":

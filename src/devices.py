@@ -147,11 +147,13 @@ def fused_optimizer(device: torch.device) -> bool:
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
     """cuDNN picks the fastest convolution algorithms for the run's fixed shapes (cudnn.benchmark); with
-    `deterministic`, every operation that has a deterministic algorithm uses it (and warns where none exists),
-    so that a GPU run is repeatable, at some speed."""
+    `deterministic`, every operation uses a deterministic algorithm, so that a GPU run is repeatable at some
+    speed. An operation without one raises rather than warns: a run that says it repeats must. The one
+    such operation training used, bilinear upsampling's CUDA backward, is then replaced by matrix products
+    (models/upsample.py)."""
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
     torch.backends.cudnn.deterministic = deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic)
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; it is read when cuBLAS starts.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

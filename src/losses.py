@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from models.upsample import resize_bilinear
+
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -59,6 +61,6 @@ def auxiliary_loss(
     weighted 1/2 for the finest and halving per stage down (0 when there are none)."""
     total = 0.0
     for depth, logits in enumerate(reversed(aux_logits), start=1):
-        upsampled = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+        upsampled = resize_bilinear(logits.float(), target.shape[-2:])
         total = total + 0.5**depth * loss_fn(upsampled, target)
     return total

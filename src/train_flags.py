@@ -172,8 +172,9 @@ def add_run_flags(run: argparse._ArgumentGroup) -> None:
     )
     run.add_argument(
         "--deterministic", action="store_true",
-        help="repeatable GPU runs: deterministic algorithms wherever they exist (a warning names any op without "
-        "one), cuDNN deterministic and not benchmarking; slower. On the CPU runs are repeatable without it",
+        help="repeatable GPU runs: deterministic algorithms only (an operation without one stops the run with an "
+        "error), bilinear upsampling as matrix products, cuDNN deterministic and not benchmarking; slower. On the "
+        "CPU runs are repeatable without it",
     )
     run.add_argument(
         "--sync-bn", action=argparse.BooleanOptionalAction, default=True,

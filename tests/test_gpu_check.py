@@ -1,7 +1,7 @@
-"""benchmarks/gpu_check.py: the first GPU's one command. --smoke runs every stage on the CPU at toy
-sizes into one report with real numbers; stages short of time are skipped, a failing one is reported
-and the next goes on, one cut off at its limit keeps what it wrote; and the training-speed pieces
-throughput.py times with."""
+"""benchmarks/gpu_check.py: the first GPU's one command. Its plan gives every stage its floor within 8
+minutes; --smoke runs every stage on the CPU at toy sizes into one report with real numbers and an outcome
+from each stage; stages short of time are skipped, a failing one is reported and the next goes on, one cut
+off at its limit keeps what it wrote; and the training-speed and bookkeeping pieces its stages time with."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from make_synthetic_pets import make_synthetic_pets
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import deadline  # noqa: E402
 import gpu_check  # noqa: E402
+import gpu_stages  # noqa: E402
 import train_speed  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -46,6 +47,9 @@ def test_smoke_run_reports_every_stage_with_real_numbers(smoke: tuple[str, Path]
     report, output = smoke
     for number, stage in enumerate(gpu_check.STAGES, start=1):
         assert f"| {number}. {stage.name} | finished |" in report, report
+        # Each stage's own verdict, with what it rests on: not merely a process that exited 0.
+        assert re.search(rf"\| {number}\. {stage.name} \| finished \| ok: \S[^|]* \|", report), report
+        assert "*finished*; outcome ok: " in section(report, number)
     platform = section(report, 1)
     assert f"| torch | {torch.__version__} |" in platform
     assert re.search(r"CUDA-only tests .*\*\*pass\*\* \(exit code 0, .*skipped", platform), platform
@@ -57,7 +61,7 @@ def test_smoke_run_reports_every_stage_with_real_numbers(smoke: tuple[str, Path]
     assert steps == 2 and per_step == pytest.approx(n_syncs / steps, abs=0.005)
     assert n_syncs == 0 or "train.py:" in syncs, "the sites of the syncs are listed"
 
-    throughput = section(report, 3)
+    throughput = section(report, 6)
     fed = re.search(r"\| resnet34_unet \| float32 \| eager \| n/a \| CPU memory [^|]*\| cached loader \| ([\d.]+) \| "
                     r"([\d.]+) \| (\d+)% ", throughput)
     compute = re.search(r"\| resnet34_unet \| float32 \| eager \| n/a \|  \| one ready batch \(compute only\) \| "
@@ -69,15 +73,27 @@ def test_smoke_run_reports_every_stage_with_real_numbers(smoke: tuple[str, Path]
     assert projection and float(projection[1]) > 0 and float(projection[2]) > 0, throughput
     assert "input, augmented: petseg cache + batched augmentation on cpu" in throughput
 
+    determinism = section(report, 3)
+    assert "--deterministic" in determinism and "Final weights: **bit-equal**" in determinism, determinism
+    assert re.search(r"\| first \| 0 \| \d+ \|\n\| second \| 0 \| \d+ \|", determinism), determinism
+
     torchrun = section(report, 4)
     assert "**pass**: one epoch, resume, exit 0" in torchrun and "backend gloo" in torchrun
     assert re.search(r"\| 2: `--resume` the run folder \| 0 \| \d+ \| epoch 2 trained; test Dice 0\.\d{4} \|", torchrun)
 
-    study = section(report, 5)
+    writes = section(report, 5)
+    assert "python benchmarks/bookkeeping_speed.py" in writes, writes
+    seconds, minutes = r"[\d.]+ s", r"[\d.]+ min"
+    assert re.search(rf"\| resnet34_unet \| {seconds} \| {seconds} \| {seconds} \(\d+ MB\) \| {seconds} \(\d+ MB\) "
+                     rf"\| {seconds} \| {seconds} \|", writes), writes
+    assert re.search(rf"\| resnet34_unet \| {minutes} \| {minutes} \| {minutes} \([\d.]+%\) \| {minutes} \(\d+, \d+\) "
+                     rf"\| {minutes} \| [\d.]+% \| (yes|no) \|", writes), writes
+
+    sample = section(report, 7)
     for network in ("resnet34_unet", "unet"):
-        assert re.search(rf"\*\*{network}\*\*\n\n\| variant .*\n.*\n\| default \| `\(defaults\)` \| 1 \| 0\.\d{{4}} \|",
-                         study), study
-    assert "2 of 2 planned runs finished." in study
+        assert re.search(rf"\| {network} \| 1 \(`--smoke`\) \| finished, 1 epoch\(s\), [\d.]+ s each \| 1: 0\.\d{{3}} "
+                         rf"\| 0\.\d{{4}} \(1\) \| 0\.\d{{4}} \| [\d.]+ min \|", sample), sample
+    assert sample.count("`python src/train.py -n ") == 2, "the report names the commands that ran"
 
     files = list(output.iterdir())
     assert len(files) <= 8 and all(path.is_file() and path.stat().st_size < 16 * 2**20 for path in files)
@@ -94,18 +110,48 @@ def test_stages_short_of_time_are_skipped_with_a_line_saying_so(tmp_path: Path) 
     gpu_check.main(["--smoke", "--output", str(tmp_path), "--budget-minutes", "0.1", "--runs-dir", str(tmp_path / "r")])
     report = (tmp_path / gpu_check.REPORT_NAME).read_text()
     for number, stage in enumerate(gpu_check.STAGES[:-1], start=1):
-        assert re.search(rf"\| {number}\. {stage.name} \| skipped: \d+ s left for it, and it needs at least", report)
-    assert "| 5. study | skipped: no --sample given" in report
+        assert re.search(rf"\| {number}\. {stage.name} \| skipped: \d+ s left for it, and it needs at least \d+ s "
+                         r"\| skipped \|", report)
+    assert "| 7. sample | skipped: no --sample given" in report
 
 
-# A stand-in for gpu_stages.py: each stage writes a line of its section, then one fails and one hangs.
+def test_the_plan_gives_every_stage_its_floor_in_eight_minutes_with_a_cold_start() -> None:
+    budget = 8 * 60
+    planned = [stage.planned for stage in gpu_check.STAGES[:-1]]
+    assert all(stage.planned is None or stage.planned >= stage.minimum for stage in gpu_check.STAGES)
+    assert gpu_check.STAGES[-1].planned is None, "the last stage takes what is left"
+    # Every stage running to its planned end still leaves the last one its floor, and the final report its margin.
+    assert sum(planned) + gpu_check.STAGES[-1].minimum + gpu_check.FINAL_MARGIN <= budget
+    by_name = {stage.name: stage for stage in gpu_check.STAGES}
+    # The stages that start processes get their commands' start-up: a cold torch import and pytest's collection;
+    # two cold torchrun launches with NCCL's start and a checkpoint written and read.
+    assert by_name["platform"].minimum >= 45 and by_name["torchrun"].minimum >= 70
+
+
+def test_each_stage_may_run_to_its_planned_end_and_time_saved_rolls_on(tmp_path: Path) -> None:
+    args = gpu_check.parse_args(["--output", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")])
+    check = gpu_check.Check(args, [])
+    assert check.limit(0) == pytest.approx(gpu_check.STAGES[0].planned, abs=1)
+    check.started -= 10  # the first stage took 10 s of its planned seconds
+    second = gpu_check.STAGES[0].planned + gpu_check.STAGES[1].planned - 10
+    assert check.limit(1) == pytest.approx(second, abs=1)
+    assert check.skip_reason(gpu_check.STAGES[-1]) is not None, "no --sample: the sample stage is skipped"
+
+
+# A stand-in for gpu_stages.py: each stage writes a line of its section, some their verdict; then one fails
+# and one hangs.
 FAKE_STAGES = """
     import sys
     import time
 
+    VERDICTS = {"platform": "ok: platform fine", "torchrun": "ok: resumed", "determinism": "fail: weights differ"}
+
     stage, section = sys.argv[1], sys.argv[sys.argv.index("--section") + 1]
     with open(section, "w") as file:
         file.write(f"{stage}: first row\\n")
+    if stage in VERDICTS:
+        with open(sys.argv[sys.argv.index("--outcome") + 1], "w") as file:
+            file.write(VERDICTS[stage])
     if stage == "syncs":
         print("Traceback (most recent call last):\\nRuntimeError: the stage broke")
         sys.exit(1)
@@ -121,7 +167,7 @@ def test_a_failed_stage_is_reported_and_the_next_runs_and_one_cut_off_keeps_its_
     fake.write_text(textwrap.dedent(FAKE_STAGES))
     monkeypatch.setattr(gpu_check, "GPU_STAGES", fake)
     monkeypatch.setattr(gpu_check, "FINAL_MARGIN", 0.0)
-    quick = [gpu_check.Stage(name, name, 0.15, 0.1) for name in ("platform", "syncs", "throughput", "torchrun")]
+    quick = [gpu_check.Stage(name, name, 1.5, 0.1) for name in ("platform", "syncs", "throughput", "torchrun")]
     monkeypatch.setattr(gpu_check, "STAGES", tuple(quick))
     out = tmp_path / "out"
     start = time.monotonic()
@@ -130,10 +176,27 @@ def test_a_failed_stage_is_reported_and_the_next_runs_and_one_cut_off_keeps_its_
     assert time.monotonic() - start < 15, "the hanging stage was stopped at its limit"
     report = (out / gpu_check.REPORT_NAME).read_text()
     assert "| 1. platform | finished |" in report and "| 2. syncs | **failed** (exit code 1) |" in report
+    assert "| 1. platform | finished | ok: platform fine |" in report
     assert "RuntimeError: the stage broke" in section(report, 2)
     assert re.search(r"\| 3\. throughput \| cut off at its limit of \d+ s", report)
+    assert re.search(r"\| 3\. throughput \| cut off [^|]* \| none reported \|", report)
     assert "throughput: first row" in section(report, 3)
     assert "| 4. torchrun | finished |" in report and "torchrun: first row" in section(report, 4)
+
+
+def test_a_stage_that_exits_cleanly_with_a_failing_verdict_fails_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "fake_stages.py"
+    fake.write_text(textwrap.dedent(FAKE_STAGES))
+    monkeypatch.setattr(gpu_check, "GPU_STAGES", fake)
+    monkeypatch.setattr(gpu_check, "FINAL_MARGIN", 0.0)
+    monkeypatch.setattr(gpu_check, "STAGES", (gpu_check.Stage("determinism", "determinism", 3, 0.1),))
+    out = tmp_path / "out"
+    with pytest.raises(errors.PetsegError, match="stage.s. determinism failed"):
+        gpu_check.main(["--output", str(out), "--budget-minutes", "0.1", "--runs-dir", str(out / "runs")])
+    report = (out / gpu_check.REPORT_NAME).read_text()
+    assert "| 1. determinism | finished | **fail: weights differ** |" in report
 
 
 def test_run_until_stops_a_command_at_its_deadline_with_ctrl_c_then_a_kill(tmp_path: Path) -> None:
@@ -166,12 +229,47 @@ def test_projection_counts_the_full_splits_steps_and_a_validation_pass() -> None
     assert train_speed.projected_seconds(0.1, 32, 368.0) == pytest.approx(200 * (103 * 0.1 + 1.0))
 
 
+def test_the_bookkeeping_projection_saves_last_pt_by_time_and_best_pt_on_improvement() -> None:
+    import bookkeeping_speed
+
+    measured = bookkeeping_speed.Measured(
+        "net", step=0.01, validation=0.5, last=0.4, best=0.1, figure=0.3, history=0.01, last_bytes=1, best_bytes=1,
+        host_copy=0.02,
+    )
+    run = bookkeeping_speed.project(measured, batch_size=32, valid_images=368, save_every=60, improved=0.25)
+    training, validation = 200 * 103 * 0.01, 200 * 0.5
+    assert run["training"] == pytest.approx(training) and run["validation"] == pytest.approx(validation)
+    assert run["every_epoch"] == pytest.approx(200 * (0.4 + 0.3 + 0.01 + 0.25 * 0.1))
+    intervals = int((training + validation + 200 * (0.01 + 0.02)) // 60)  # 5 minutes: 5 intervals
+    assert (run["last_saves"], run["figures"]) == (intervals + 2, intervals + 1) == (7, 6)
+    # On the training thread: history and the host copy every epoch, the figures; the writes, in the background,
+    # are shorter than the 1.53 s epochs that follow them, so they hold nothing up.
+    assert run["policy"] == pytest.approx(200 * (0.01 + 0.02) + 6 * 0.3)
+    assert run["background"] == pytest.approx(7 * 0.4 + 50 * 0.1)
+    slow_disk = bookkeeping_speed.Measured(**{**vars(measured), "last": 2.53})
+    assert bookkeeping_speed.project(slow_disk, 32, 368, 60, 0.25)["policy"] == pytest.approx(
+        200 * (0.01 + 0.02) + 6 * 0.3 + 7 * 1.0
+    ), "a write that outlasts the next epoch holds training up by the difference"
+    half_valid = bookkeeping_speed.project(measured, batch_size=32, valid_images=184, save_every=60, improved=0.25)
+    assert half_valid["validation"] == pytest.approx(2 * validation), "a smaller valid pass is scaled to 368 images"
+
+
+def test_the_sample_stage_plans_epochs_from_the_measured_speed_and_its_start_up() -> None:
+    measured = {"step": 0.05, "validation": 0.368, "valid_images": 368, "batch_size": 32, "last": 0.5, "best": 0.1,
+                "figure": 0.3, "history": 0.01}
+    # 283 train images: 8 steps of 0.05 s; 32 valid images: 0.032 s; writes 0.91 s: 1.342 s an epoch.
+    epochs, how = gpu_stages.planned_epochs(100.0, 283, 32, measured)
+    assert epochs == int((100 - gpu_stages.SAMPLE_OVERHEAD_SECONDS) / 1.342) and "1.34 s an epoch" in how
+    assert gpu_stages.planned_epochs(10.0, 283, 32, measured)[0] == 0, "not one epoch fits beside the start"
+    assert gpu_stages.planned_epochs(1e6, 283, 32, measured)[0] == 200, "never more than the recipe's epochs"
+    epochs, how = gpu_stages.planned_epochs(100.0, 283, 32, None)
+    assert epochs == gpu_stages.UNMEASURED_EPOCHS and "no measured speed" in how
+
+
 def test_on_cuda_every_sync_warning_inside_an_epoch_counts_at_the_line_that_made_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import warnings
-
-    import gpu_stages
 
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)  # what a GPU would do: warn on each sync

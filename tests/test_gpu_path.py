@@ -228,7 +228,8 @@ def test_training_turns_cudnn_benchmark_on_for_cuda_and_off_for_repeatable_runs(
         assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
         devices.configure_backends(CUDA, deterministic=True)
         assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
-        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled(), "an op without a deterministic one raises"
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
         devices.configure_backends(CPU, deterministic=False)
         assert not torch.backends.cudnn.benchmark

@@ -1,10 +1,10 @@
 """UNet on a ResNet-18 or ResNet-34 encoder whose parameter names match torchvision's resnet18/resnet34."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .unet import DoubleConv, auxiliary_heads, init_weights
+from .upsample import resize_bilinear
 
 
 class BasicBlock(nn.Module):
@@ -78,7 +78,7 @@ class DecoderBlock(nn.Module):
         self, x: torch.Tensor, size: torch.Size, skip: torch.Tensor | None = None
     ) -> torch.Tensor:
         # Interpolating to an explicit size (not scale_factor=2) keeps odd input sizes aligned.
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = resize_bilinear(x, size)
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
         return self.conv(x)
