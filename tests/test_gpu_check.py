@@ -85,9 +85,9 @@ def test_smoke_run_reports_every_stage_with_real_numbers(smoke: tuple[str, Path]
     assert "python benchmarks/bookkeeping_speed.py" in writes, writes
     seconds, minutes = r"[\d.]+ s", r"[\d.]+ min"
     assert re.search(rf"\| resnet34_unet \| {seconds} \| {seconds} \| {seconds} \(\d+ MB\) \| {seconds} \(\d+ MB\) "
-                     rf"\| {seconds} \| {seconds} \|", writes), writes
+                     rf"\| {seconds} \| {seconds} \| {seconds} \|", writes), writes
     assert re.search(rf"\| resnet34_unet \| {minutes} \| {minutes} \| {minutes} \([\d.]+%\) \| {minutes} \(\d+, \d+\) "
-                     rf"\| {minutes} \| [\d.]+% \| (yes|no) \|", writes), writes
+                     rf"\| {minutes} \| {minutes} \| [\d.]+% \| (yes|no) \|", writes), writes
 
     sample = section(report, 7)
     for network in ("resnet34_unet", "unet"):

@@ -331,6 +331,8 @@ def test_training_reserves_the_networks_footprint_for_the_cache(monkeypatch: pyt
         raise Reserved(reserve)
 
     monkeypatch.setattr(train, "prepare_dataset", lambda *args, **kwargs: Path("."))
+    monkeypatch.setattr(train, "check_split_overlap", lambda data_path: None)
+    monkeypatch.setattr(train, "dataset_record", lambda data_path: {})
     monkeypatch.setattr(train, "make_loaders", loaders)
     reserves = []
     for network in ("unet", "resnet34_unet"):
