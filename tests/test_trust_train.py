@@ -11,7 +11,6 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 
 import batches
 import checkpoint as ckpt
@@ -54,16 +53,31 @@ def last_epoch(run: Path) -> int:
 # ----------------------------------------------------------------------------- provenance
 
 
-def test_a_run_records_its_dataset_run_id_and_the_checkpoint_it_tested(
-    run_copy: Path, synthetic_pets: Path
+def test_a_resumed_run_records_its_dataset_run_id_and_typed_flags_and_ctrl_c_at_its_results_says_how_to_finish(
+    run_copy: Path, synthetic_pets: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    train.main(["--resume", str(run_copy)])
+    real_format, calls = train.format_result, []
+
+    def ctrl_c_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_format(*args, **kwargs)
+
+    monkeypatch.setattr(train, "format_result", ctrl_c_once)
+    default = default_num_workers()  # the run was trained with --num-workers 0: typed at its default, it counts
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", str(run_copy), "--num-workers", str(default)])
+    assert exit_info.value.code == 130 and "--resume" in capsys.readouterr().err
+    assert not (run_copy / "results.json").exists()
+    train.main(["--resume", str(run_copy), "--num-workers", str(default)])  # nothing left to train: test, results
+
     results = json.loads((run_copy / "results.json").read_text())
-    best = ckpt.load_checkpoint(run_copy / ckpt.BEST_NAME)
+    best, last = ckpt.load_checkpoint(run_copy / ckpt.BEST_NAME), ckpt.load_checkpoint(run_copy / ckpt.LAST_NAME)
+    assert results["epochs_run"] == 2 and last["epoch"] == 2 and results["args"]["num_workers"] == default
     assert results["dataset"] == oxford_pet.dataset_record(synthetic_pets) == best["dataset"]
     assert Path(results["dataset"]["path"]).is_absolute() and results["dataset"]["splits"]["train"]["images"] == 54
-    assert results["args"]["run_id"] == best["args"]["run_id"] == ckpt.load_checkpoint(run_copy / "last.pt")["args"][
-        "run_id"]
+    assert results["args"]["run_id"] == best["args"]["run_id"] == last["args"]["run_id"]
     assert (results["best_epoch"], results["valid_dice"]) == (best["epoch"], best["valid_dice"])
 
 
@@ -114,12 +128,6 @@ def test_a_typed_recipe_flag_is_refused_on_resume_even_at_its_default(
         train.main(["--resume", str(run_copy), "-e", "200"])  # the run was -e 2; 200 is the default
     assert exit_info.value.code == 2
     assert "--epochs 200 differs from the resumed run's 2" in capsys.readouterr().err
-
-
-def test_a_typed_machine_flag_takes_effect_on_resume_even_at_its_default(run_copy: Path) -> None:
-    default = default_num_workers()  # the run was trained with --num-workers 0
-    train.main(["--resume", str(run_copy), "--num-workers", str(default)])
-    assert json.loads((run_copy / "results.json").read_text())["args"]["num_workers"] == default
 
 
 def test_a_resumed_run_never_downloads(run_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,24 +201,3 @@ def test_sigterm_while_the_cache_is_built_is_one_line_and_143(
     err = capsys.readouterr().err
     assert "SIGTERM" in err and "Traceback" not in err
     assert not any(tmp_path.glob("resnet34_unet_*")), "no run folder was made"
-
-
-def test_ctrl_c_while_the_results_are_written_says_how_to_finish(
-    run_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    real_format, calls = train.format_result, []
-
-    def ctrl_c_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        return real_format(*args, **kwargs)
-
-    monkeypatch.setattr(train, "format_result", ctrl_c_once)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--resume", str(run_copy)])
-    assert exit_info.value.code == 130 and "--resume" in capsys.readouterr().err
-    assert not (run_copy / "results.json").exists()
-    train.main(["--resume", str(run_copy)])  # nothing left to train: the test, then the results
-    assert json.loads((run_copy / "results.json").read_text())["epochs_run"] == 2
-    assert torch.load(run_copy / "last.pt", weights_only=True)["epoch"] == 2
