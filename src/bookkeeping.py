@@ -9,7 +9,9 @@ one interval of training.
 The checkpoints are written by a thread of their own from a copy of the state in host memory
 (HostCopy), taken at the end of each epoch with one asynchronous copy from the GPU; the loop goes on
 while the file is written. One write at a time, each atomic and fsync'd (files.atomic_write); a failed
-write is raised in the training thread at its next call, as the same clear error as before.
+write is raised in the training thread at its next call, as one message saying which checkpoints are whole
+and how to resume (storage.write_failures_explained). Ctrl-C and the other interrupts wait while a write is
+handed over or the last one finished (interrupts.sigint_deferred).
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from typing import Any
 import torch
 
 import checkpoint as ckpt
+import storage
 from devices import non_blocking
 from files import atomic_write
+from interrupts import sigint_deferred
+from plots import plot_learning_curves_or_warn
 
 HISTORY_FIELDS = (
     "epoch", "lr", "train_loss", "train_dice", "valid_loss", "valid_dice", "valid_dataset_dice", "valid_iou", "seconds",
@@ -84,11 +89,15 @@ class HostCopy:
 class Bookkeeper:
     """Rank 0's files of one run (other processes keep none, `writes` False): call after_epoch at the end of
     each epoch, and save_latest at the end of the run and before any stop; use it as a context manager, so
-    that its writer is done before the run ends. `contents()` gives what last.pt would hold now (best.pt
-    holds the same without its "training" state); `draw()` draws curves.png."""
+    that its writer is done before the run ends. A failed write names `resume_command`; curves.png is titled
+    `title`."""
 
-    def __init__(self, run_dir: Path, device: torch.device, save_every: float, writes: bool, saved_epoch: int = 0):
+    def __init__(
+        self, run_dir: Path, device: torch.device, save_every: float, writes: bool, resume_command: str, title: str,
+        saved_epoch: int = 0,
+    ) -> None:
         self.run_dir, self.save_every, self.writes = run_dir, save_every, writes
+        self.resume_command, self.title = resume_command, title
         self.host = HostCopy(device)
         self.saved_epoch = saved_epoch  # the epoch last.pt holds
         self._last_saved_at = self._last_drawn_at = clock()
@@ -102,11 +111,16 @@ class Bookkeeper:
         self._writer.shutdown(wait=True)
 
     def after_epoch(
-        self, epoch: int, history: list[dict], improved: bool, contents: Callable[[], dict[str, Any]],
-        draw: Callable[[], None],
+        self, epoch: int, history: list[dict], improved: bool, contents: Callable[[], dict[str, Any]]
     ) -> None:
-        if not self.writes:
-            return
+        """`contents()` gives what last.pt would hold now (best.pt holds the same without its "training")."""
+        with sigint_deferred(), storage.write_failures_explained(self.run_dir, self.resume_command):
+            if self.writes:
+                self._after_epoch(epoch, history, improved, contents)
+
+    def _after_epoch(
+        self, epoch: int, history: list[dict], improved: bool, contents: Callable[[], dict[str, Any]]
+    ) -> None:
         write_history(history, self.run_dir / "history.csv")
         due = self.saved_epoch == 0 or clock() - self._last_saved_at >= self.save_every
         if improved or due:
@@ -116,20 +130,24 @@ class Bookkeeper:
         elif self._pending is None or self._pending.done():
             self.host.take(contents(), epoch)  # for a stop before the next write
         if clock() - self._last_drawn_at >= self.save_every:
-            draw()
+            self._draw(history)
             self._last_drawn_at = clock()
 
-    def save_latest(self, draw: Callable[[], None] | None = None) -> int:
-        """Write last.pt from the latest host copy if it is newer than the file, wait for every write, draw the
-        figure; returns the epoch last.pt holds."""
-        if self.writes:
-            self.wait()
-            if self.host.epoch > self.saved_epoch:
-                self._submit(best=False, last=True)
+    def save_latest(self, history: list[dict]) -> int:
+        """At the end and before any stop: last.pt from the latest host copy if it is newer than the file, every
+        write waited for, the figure drawn; returns the epoch last.pt holds."""
+        with sigint_deferred(), storage.write_failures_explained(self.run_dir, self.resume_command):
+            if self.writes:
                 self.wait()
-            if draw is not None:
-                draw()
+                if self.host.epoch > self.saved_epoch:
+                    self._submit(best=False, last=True)
+                    self.wait()
+                self._draw(history)
         return self.saved_epoch
+
+    def _draw(self, history: list[dict]) -> None:
+        if history:  # none when stopped before the first epoch ended
+            plot_learning_curves_or_warn([(self.run_dir.name, history)], self.run_dir / "curves.png", self.title)
 
     def wait(self) -> None:
         """Wait for the write in progress; its error, if it failed, is raised here."""

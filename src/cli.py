@@ -56,6 +56,14 @@ def non_negative(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def ema_decay(text: str) -> float:
     """argparse type: 0 (off) or a decay in (0, 1)."""
     value = float(text)

@@ -20,7 +20,7 @@ import checkpoint as ckpt
 import distributed
 import models
 from batches import TrainBatches
-from devices import fused_optimizer, needs_loss_scaling, restore_rng_states, rng_states
+from devices import needs_loss_scaling, optimizer_kernel, restore_rng_states, rng_states
 from distributed import Processes
 from ema import MovingAverage
 from errors import PetsegError, display_path
@@ -84,7 +84,7 @@ def make_trainer(
         model = torch.compile(model)  # after DDP wrapping, as torch's DDP notes advise
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-        fused=fused_optimizer(device) or None,
+        **optimizer_kernel(device),
     )
     scheduler = make_scheduler(optimizer, args.learning_rate, args.epochs, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(device, amp))
@@ -253,6 +253,22 @@ def adopt_newer_best(best: dict | None, progress: Progress, run_dir: Path) -> No
               f"{progress.finished_epoch}: the run stopped before last.pt caught up. The epochs after "
               f"{progress.finished_epoch} are trained again; that best.pt stays the best to beat.", file=sys.stderr)
         progress.best_epoch, progress.best_dice = best["epoch"], best["valid_dice"]
+
+
+def check_best_checkpoint(run_dir: Path, progress: Progress, args: argparse.Namespace, resuming: bool) -> dict | None:
+    """best.pt, if it is this run's best (checked before a resumed run trains, and before the test scores it);
+    else one error saying what is wrong and what to do, so that no run reports another model's Test Dice."""
+    path = run_dir / ckpt.BEST_NAME
+    best = ckpt.load_checkpoint(path) if path.is_file() else None
+    if resuming:
+        adopt_newer_best(best, progress, run_dir)
+    problem = best_checkpoint_problem(best, progress, getattr(args, "run_id", None))
+    if problem is not None:
+        raise PetsegError(
+            f"{display_path(run_dir)}: {problem}, so its Test Dice would not be this run's. Put the run's own "
+            f"best.pt back beside its last.pt, or train a new run (without --resume)."
+        )
+    return best
 
 
 def typed_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:

@@ -45,7 +45,7 @@ from errors import PetsegError, display_path, run_script
 from evaluate import EvalResult, eval_loader, evaluate, format_result
 from files import atomic_write, make_run_dir
 from interrupts import describe as describe_interrupt
-from interrupts import exit_status, ignore_interrupts, interrupts_raised, sigint_deferred
+from interrupts import exit_status, ignore_interrupts, interrupts_raised
 from locks import run_lock
 from losses import Loss, auxiliary_loss, build_loss
 from models import build_model, refused_options
@@ -58,7 +58,6 @@ from oxford_pet import (
     dataset_record,
     prepare_dataset,
 )
-from plots import plot_learning_curves_or_warn
 from run_state import Progress, Trainer, announce_resume, make_trainer
 from train_flags import build_parser
 from utils import logits_to_mask, per_image_dice
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     device = distributed.start(processes, args.device)
     finished = False
     # SIGINT, SIGTERM and SIGHUP stop the run the same way from here on (interrupts.py); one live process per run
-    # folder (locks.py): a resumed run's is locked before anything is read from it, a new run's once it is made.
+    # folder (locks.py): a resumed run's is locked before it trains, a new run's once its folder is made.
     try:
         with interrupts_raised(), quiet_unless(processes.is_main), contextlib.ExitStack() as locked:
             if args.resume is not None and processes.is_main:
@@ -178,10 +177,13 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
         run_dir = args.resume.parent
         run_state.check_same_data(resume_from, dataset, train_loader.n_images, run_dir)
         progress = run_state.restore(resume_from, trainer)
-        check_best_checkpoint(run_dir, progress, args, resuming=True)
+        run_state.check_best_checkpoint(run_dir, progress, args, resuming=True)
         announce_resume(resume_from, progress, run_dir, processes)
     args.processes = processes.world_size
-    keeper = Bookkeeper(run_dir, device, args.save_every, processes.is_main, saved_epoch=progress.finished_epoch)
+    keeper = Bookkeeper(
+        run_dir, device, args.save_every, processes.is_main, processes.resume_command(display_path(Path(__file__)),
+        display_path(run_dir)), f"{args.network}: train (dashed) and valid (solid)", progress.finished_epoch,
+    )
     run = Run(args, processes, device, amp, per_process, data_path, dataset, run_dir, trainer, valid_loader,
               build_loss(args.loss), progress, keeper)
     print(start_line(run, n_valid, channels_last, train_loader.cached))
@@ -235,14 +237,9 @@ def train(run: Run) -> None:
             f"valid loss {valid.loss:.4f} dice {valid.dice:.4f}  {progress.history[-1]['seconds']:.1f}s"
             f"{'  *best' if improved else ''}"
         )
-        with sigint_deferred(), write_failures_explained(run):
-            run.keeper.after_epoch(
-                epoch, progress.history, improved, partial(checkpoint_contents, run, epoch, valid.dice),
-                partial(draw_curves, run),
-            )
-            progress.finished_epoch = epoch
-    with sigint_deferred(), write_failures_explained(run):
-        run.keeper.save_latest(partial(draw_curves, run))
+        run.keeper.after_epoch(epoch, progress.history, improved, partial(checkpoint_contents, run, epoch, valid.dice))
+        progress.finished_epoch = epoch
+    run.keeper.save_latest(progress.history)
 
 
 class NonFiniteLoss(Exception):
@@ -319,27 +316,6 @@ def checkpoint_contents(run: Run, epoch: int, valid_dice: float) -> dict:
     return {**contents, "training": run_state.training_state(run.trainer, run.progress)}
 
 
-def draw_curves(run: Run) -> None:
-    if not run.progress.history:
-        return  # stopped before the first epoch ended
-    plot_learning_curves_or_warn(  # a figure that fails is a warning, never a lost run
-        [(run.run_dir.name, run.progress.history)], run.run_dir / "curves.png",
-        title=f"{run.args.network}: train (dashed) and valid (solid)",
-    )
-
-
-def write_failures_explained(run: Run) -> contextlib.AbstractContextManager:
-    """A failed write of the run's files becomes one message saying what is kept and how to resume."""
-    resume_command = run.processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
-    return storage.write_failures_explained(run.run_dir, resume_command)
-
-
-def save_before_stopping(run: Run) -> int:
-    """Before a stop we control: last.pt of the latest finished epoch (returns which) and the figure."""
-    with sigint_deferred(), write_failures_explained(run):
-        return run.keeper.save_latest(lambda: draw_curves(run))
-
-
 @contextlib.contextmanager
 def explained_stops(run: Run) -> Iterator[None]:
     """Ctrl-C (or SIGTERM), a diverged loss and a full GPU end the run with what to do next, not a traceback."""
@@ -351,7 +327,7 @@ def explained_stops(run: Run) -> Iterator[None]:
         # cut this message short.
         ignore_interrupts()
         print(f"\nInterrupted by {describe_interrupt(interrupt)}.", file=sys.stderr)
-        saved_epoch = save_before_stopping(run)
+        saved_epoch = run.keeper.save_latest(progress.history)
         if saved_epoch:
             command = processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
             print(
@@ -365,7 +341,7 @@ def explained_stops(run: Run) -> Iterator[None]:
                 run.run_dir.rmdir()
         sys.exit(exit_status(interrupt))
     except NonFiniteLoss as error:
-        save_before_stopping(run)
+        run.keeper.save_latest(progress.history)
         if not processes.is_main:
             sys.exit(1)  # every process stopped at the same step; rank 0 says why
         kept = (
@@ -378,7 +354,7 @@ def explained_stops(run: Run) -> Iterator[None]:
             f"Try a lower -lr (this run used {args.learning_rate:g}) or --no-amp. {kept}"
         ) from error
     except torch.cuda.OutOfMemoryError as error:
-        save_before_stopping(run)
+        run.keeper.save_latest(progress.history)
         cache_on_gpu = run.trainer.loader.cache_device.type == "cuda"
         raise PetsegError(
             f"the GPU ran out of memory with -b {args.batch_size} at --image-size {args.image_size} ({args.network}). "
@@ -396,29 +372,13 @@ def test_best(run: Run) -> EvalResult:
     (the same loader inference.py uses)."""
     args, processes = run.args, run.processes
     distributed.barrier()  # best.pt is written
-    best = check_best_checkpoint(run.run_dir, run.progress, args, resuming=False)
+    best = run_state.check_best_checkpoint(run.run_dir, run.progress, args, resuming=False)
     run.trainer.validated().load_state_dict(best["model_state"])
     test_loader = eval_loader(
         run.data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, run.batch_per_process,
         args.num_workers, run.device, skip_bad=args.skip_bad, original_masks=True, shard=processes.shard,
     )
     return evaluate(run.trainer.validated(), test_loader, run.device, amp=run.amp, loss_fn=run.loss_fn, desc="test")
-
-
-def check_best_checkpoint(run_dir: Path, progress: Progress, args: argparse.Namespace, resuming: bool) -> dict | None:
-    """best.pt, if it is this run's best (checked before a resumed run trains, and before the test scores it);
-    else one error saying what is wrong and what to do, so that no run reports another model's Test Dice."""
-    path = run_dir / ckpt.BEST_NAME
-    best = ckpt.load_checkpoint(path) if path.is_file() else None
-    if resuming:
-        run_state.adopt_newer_best(best, progress, run_dir)
-    problem = run_state.best_checkpoint_problem(best, progress, getattr(args, "run_id", None))
-    if problem is not None:
-        raise PetsegError(
-            f"{display_path(run_dir)}: {problem}, so its Test Dice would not be this run's. Put the run's own "
-            f"best.pt back beside its last.pt, or train a new run (without --resume)."
-        )
-    return best
 
 
 def write_results(run: Run, test: EvalResult) -> None:
@@ -442,8 +402,7 @@ def write_results(run: Run, test: EvalResult) -> None:
         "train_seconds": sum(row["seconds"] for row in progress.history),
         "args": run_state.plain_args(run.args),
     }
-    resume_command = run.processes.resume_command(display_path(Path(__file__)), display_path(run_dir))
-    with storage.write_failures_explained(run_dir, resume_command):  # --resume redoes the test, then this
+    with storage.write_failures_explained(run_dir, run.keeper.resume_command):  # --resume redoes the test, then this
         with atomic_write(run_dir / "results.json", "w") as file:
             json.dump(results, file, indent=2)
         # A finished run cannot be resumed: last.pt keeps the final weights, without the optimiser's

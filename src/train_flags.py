@@ -12,56 +12,13 @@ from pathlib import Path
 from augment import AUGMENTATIONS
 from bookkeeping import DEFAULT_SAVE_EVERY
 from cache import DEFAULT_CACHE_DIR
-from cli import argument_parser
+from cli import argument_parser, ema_decay, image_size, non_negative, non_negative_float, positive
 from evaluate import default_num_workers
 from files import REPO_ROOT
 from losses import DEFAULT_LOSS, LOSSES, describe_losses
 from models import MODEL_NAMES, networks_taking
 from models.resnet34_unet import DEFAULT_DECODER_CHANNELS
 from oxford_pet import DEFAULT_DATA_PATH
-
-
-def positive(kind: type):
-    """argparse type: a number > 0, so a bad value stops the run before anything is written."""
-
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def non_negative(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a number >= 0."""
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def ema_decay(text: str) -> float:
-    """argparse type: 0 (off) or a decay in (0, 1)."""
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or between 0 and 1, e.g. 0.999; got {text}")
-    return value
-
-
-def image_size(text: str) -> int:
-    value = int(text)
-    if value < 32:
-        raise argparse.ArgumentTypeError(f"must be at least 32 (the encoders downsample 32x), got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
