@@ -99,7 +99,8 @@ class Bookkeeper:
         self.run_dir, self.save_every, self.writes = run_dir, save_every, writes
         self.resume_command, self.title = resume_command, title
         self.host = HostCopy(device)
-        self.saved_epoch = saved_epoch  # the epoch last.pt holds
+        self.saved_epoch = saved_epoch  # the epoch last.pt holds, set by the writer once it is written
+        self._queued_last = saved_epoch  # the epoch of the latest last.pt handed to the writer (training thread's)
         self._last_saved_at = self._last_drawn_at = clock()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petseg-checkpoints")
         self._pending: Future | None = None
@@ -122,13 +123,13 @@ class Bookkeeper:
         self, epoch: int, history: list[dict], improved: bool, contents: Callable[[], dict[str, Any]]
     ) -> None:
         write_history(history, self.run_dir / "history.csv")
-        due = self.saved_epoch == 0 or clock() - self._last_saved_at >= self.save_every
+        # One write at a time, and the host copy free again: training waits here only for a write that outlasted
+        # the epoch. Every epoch is copied, so that a stop writes the latest one.
+        self.wait()
+        self.host.take(contents(), epoch)
+        due = self._queued_last == 0 or clock() - self._last_saved_at >= self.save_every
         if improved or due:
-            self.wait()  # one write at a time, and the host copy is free again
-            self.host.take(contents(), epoch)
             self._submit(best=improved, last=due)
-        elif self._pending is None or self._pending.done():
-            self.host.take(contents(), epoch)  # for a stop before the next write
         if clock() - self._last_drawn_at >= self.save_every:
             self._draw(history)
             self._last_drawn_at = clock()
@@ -158,7 +159,7 @@ class Bookkeeper:
     def _submit(self, best: bool, last: bool) -> None:
         epoch = self.host.epoch
         if last:
-            self._last_saved_at = clock()
+            self._last_saved_at, self._queued_last = clock(), epoch
         self._pending = self._writer.submit(self._write, best, last, epoch)
 
     def _write(self, best: bool, last: bool, epoch: int) -> None:

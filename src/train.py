@@ -324,30 +324,29 @@ def explained_stops(run: Run) -> Iterator[None]:
         yield
     except KeyboardInterrupt as interrupt:  # Ctrl-C, SIGTERM or SIGHUP (interrupts.Interrupted)
         # torchrun passes the terminal's Ctrl-C (or a scheduler's SIGTERM) on again: a second one must not
-        # cut this message short.
+        # cut this short. last.pt first: after SIGHUP the terminal may be gone, and printing to it fail.
         ignore_interrupts()
-        print(f"\nInterrupted by {describe_interrupt(interrupt)}.", file=sys.stderr)
         saved_epoch = run.keeper.save_latest(progress.history)
-        if saved_epoch:
-            command = processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
-            print(
-                f"{display_path(run.run_dir / ckpt.LAST_NAME)} holds the end of epoch {saved_epoch}; "
-                f"continue with:\n  {command}",
-                file=sys.stderr,
-            )
-        else:
-            print("No epoch had finished, so there is nothing to resume; start the run again.", file=sys.stderr)
-            if processes.is_main and not any(run.run_dir.iterdir()):
-                run.run_dir.rmdir()
+        if not saved_epoch and processes.is_main and not any(run.run_dir.iterdir()):
+            run.run_dir.rmdir()
+        with contextlib.suppress(OSError):
+            print(f"\nInterrupted by {describe_interrupt(interrupt)}.", file=sys.stderr)
+            if saved_epoch:
+                command = processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
+                print(f"{display_path(run.run_dir / ckpt.LAST_NAME)} holds the end of epoch {saved_epoch}; "
+                      f"continue with:\n  {command}", file=sys.stderr)
+            else:
+                print("No epoch had finished, so there is nothing to resume; start the run again.", file=sys.stderr)
         sys.exit(exit_status(interrupt))
     except NonFiniteLoss as error:
         run.keeper.save_latest(progress.history)
         if not processes.is_main:
             sys.exit(1)  # every process stopped at the same step; rank 0 says why
-        kept = (
-            f"The best checkpoint so far (epoch {progress.best_epoch}) is kept in {display_path(run.run_dir)}."
-            if progress.best_epoch else "No epoch had finished, so no checkpoint was written."
-        )
+        kept = f"The best checkpoint so far (epoch {progress.best_epoch}) is kept in {display_path(run.run_dir)}."
+        if not progress.best_epoch:
+            kept = "No epoch had finished, so no checkpoint was written."
+            if not any(run.run_dir.iterdir()):
+                run.run_dir.rmdir()
         raise PetsegError(
             f"the training loss became NaN or infinite at epoch {progress.finished_epoch + 1}, step {error.step} "
             f"(seen at step {error.noticed_at}: the loss is read every {READ_EVERY} steps): the run diverged. "

@@ -92,6 +92,29 @@ def test_last_pt_is_written_by_time_at_the_end_and_on_ctrl_c_and_a_resume_from_i
     )
 
 
+def test_a_slow_disk_neither_adds_writes_nor_leaves_last_pt_behind_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes that outlast the epochs after them (a slow or network disk, a fast GPU): last.pt is still written
+    after epoch 1 and at the end only, and holds the last epoch, not the one whose write was under way."""
+    written = []
+
+    def slow_save(path: Path, **contents) -> None:
+        time.sleep(0.3)
+        written.append((path.name, contents["epoch"]))
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow_save)
+    monkeypatch.setattr(bookkeeping, "clock", lambda: 0.0)  # no interval ever passes
+    history = []
+    with bookkeeping.Bookkeeper(tmp_path, torch.device("cpu"), 60.0, True, "python train.py --resume r", "t") as keeper:
+        for epoch, improved in enumerate([True, False, True, False], start=1):
+            history.append({"epoch": epoch})
+            contents = {"epoch": epoch, "model_state": {"w": torch.full((3,), float(epoch))}, "training": {}}
+            keeper.after_epoch(epoch, history, improved, lambda contents=contents: contents)
+        assert keeper.save_latest([]) == 4
+    assert written == [("best.pt", 1), ("last.pt", 1), ("best.pt", 3), ("last.pt", 4)]
+
+
 def test_resume_refuses_to_change_the_recipe(trained: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
     run_dir, _ = trained
     with pytest.raises(SystemExit) as exit_info:
