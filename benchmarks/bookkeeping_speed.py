@@ -39,16 +39,16 @@ sys.path[:0] = [str(REPO_ROOT / "src"), str(REPO_ROOT / "tools")]
 import checkpoint as ckpt  # noqa: E402
 import run_state  # noqa: E402
 import train_speed  # noqa: E402
+from augment import crop_source_size  # noqa: E402
 from batches import EvalBatches, TrainBatches  # noqa: E402
-from bookkeeping import HostCopy, write_history  # noqa: E402
+from bookkeeping import DEFAULT_SAVE_EVERY, HostCopy, write_history  # noqa: E402
 from cache import CachedSplit  # noqa: E402
-from cli import argument_parser  # noqa: E402
+from cli import argument_parser, positive  # noqa: E402
 from devices import default_amp, select_device  # noqa: E402
 from errors import display_path, run_script  # noqa: E402
 from evaluate import evaluate  # noqa: E402
 from files import atomic_write  # noqa: E402
 from models import MODEL_NAMES  # noqa: E402
-from oxford_pet import crop_source_size  # noqa: E402
 from plots import plot_learning_curves  # noqa: E402
 from train_speed import FULL_TRAIN_IMAGES, FULL_VALID_IMAGES, NORMALISATION, RECIPE_EPOCHS  # noqa: E402
 
@@ -164,7 +164,7 @@ def project(measured: Measured, batch_size: int, valid_images: int, save_every: 
     on_thread = RECIPE_EPOCHS * (measured.history + measured.host_copy)
     intervals = math.floor((training + validation + on_thread) / save_every)
     last_saves = min(RECIPE_EPOCHS, 2 + intervals)  # after epoch 1, once per interval, at the end
-    figures = min(RECIPE_EPOCHS, 1 + intervals)  # once per interval, at the end
+    figures = last_saves  # drawn with last.pt
     waits = last_saves * max(0.0, measured.last - epoch) + improved * RECIPE_EPOCHS * max(0.0, measured.best - epoch)
     return {
         "training": training,
@@ -265,7 +265,10 @@ def parse_args(argv: list[str] | None) -> Namespace:
         "--warmup-steps", type=int, default=None, help="untimed steps before them (default: 3 on CUDA, 1 elsewhere)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls of each write and of validation")
-    parser.add_argument("--save-every", type=float, default=60.0, help="the policy's seconds between last.pt saves")
+    parser.add_argument(
+        "--save-every", type=positive(float), default=DEFAULT_SAVE_EVERY,
+        help="the policy's seconds between last.pt saves",
+    )
     parser.add_argument(
         "--improved", type=fraction, default=0.25,
         help="share of the epochs whose valid Dice improves, so that best.pt is written",

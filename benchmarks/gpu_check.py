@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ from cli import argument_parser  # noqa: E402
 from deadline import GRACE_SECONDS, run_until  # noqa: E402
 from errors import PetsegError, display_path, run_script  # noqa: E402
 from files import atomic_write, unused_path  # noqa: E402
+from interrupts import exit_status  # noqa: E402
 
 GPU_STAGES = REPO_ROOT / "benchmarks" / "gpu_stages.py"
 REPORT_NAME = "gpu_check.md"
@@ -272,17 +272,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     check = Check(args, argv)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM also stops the running stage
-    try:
+    try:  # run_script turns SIGINT, SIGTERM and SIGHUP into an interrupt: each stops the running stage too
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
             for index in range(len(STAGES)):
                 check.run(index, Path(scratch))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         check.write()
         print(f"\nInterrupted; {display_path(args.output / REPORT_NAME)} holds what finished.", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        sys.exit(exit_status(interrupt))
     report = args.output / REPORT_NAME
     print(f"gpu_check: report in {display_path(report)}, {time.monotonic() - check.started:.0f} s in all")
     failed = [stage.name for stage in STAGES if check.outcomes[stage.name].status.startswith("**failed")

@@ -60,7 +60,6 @@ STOP_GRACE = 8.0
 # besides the epochs; and the epochs a network is given when no measured speed is at hand.
 SAMPLE_OVERHEAD_SECONDS = 35.0
 UNMEASURED_EPOCHS = 10
-RECIPE_BATCH = 32
 
 
 @dataclass
@@ -466,17 +465,19 @@ def throughput(ctx: Context) -> None:
 
 def planned_epochs(seconds: float, n_train: int, n_valid: int, measured: dict | None) -> tuple[int, str]:
     """Epochs of one network that fit in `seconds` on the sample, and how that was worked out: from the
-    bookkeeping stage's seconds per step, validation and writes (last.pt and the figure every epoch, as
-    train.py before the bookkeeping policy does: a run that writes less ends early), besides
-    SAMPLE_OVERHEAD_SECONDS; without them, UNMEASURED_EPOCHS."""
+    bookkeeping stage's seconds per step and validation, with what train.py does on the training thread
+    every epoch (history.csv, the host copy of the state) and last.pt and the figure twice (after epoch 1
+    and at the end: a short run writes them no more often), besides SAMPLE_OVERHEAD_SECONDS; without
+    them, UNMEASURED_EPOCHS."""
     from train_speed import RECIPE_EPOCHS
 
     if measured is None:
         return UNMEASURED_EPOCHS, f"{UNMEASURED_EPOCHS} (no measured speed: the bookkeeping stage did not finish)"
     epoch = (n_train // measured["batch_size"] * measured["step"]
              + measured["validation"] * n_valid / measured["valid_images"]
-             + measured["last"] + measured["best"] + measured["figure"] + measured["history"])
-    epochs = max(0, min(RECIPE_EPOCHS, int((seconds - SAMPLE_OVERHEAD_SECONDS) / epoch)))
+             + measured["history"] + measured.get("host_copy", 0.0))
+    budget = seconds - SAMPLE_OVERHEAD_SECONDS - 2 * (measured["last"] + measured["figure"])
+    epochs = max(0, min(RECIPE_EPOCHS, int(budget / epoch)))
     return epochs, (f"{epochs} ({seconds:.0f} s less {SAMPLE_OVERHEAD_SECONDS:.0f} s of start and test, at "
                     f"{epoch:.2f} s an epoch)")
 

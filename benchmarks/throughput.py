@@ -231,7 +231,7 @@ def eager_setups(device: torch.device, fp16: bool) -> list[Setup]:
     """train.py's defaults on this device first (its rows time every cache placement), then one change each."""
     cuda = device.type == "cuda"
     forced = [Setup(amp=True, force_fp16=True, cudnn_benchmark=cuda)] if fp16 else []
-    default = Setup(amp=default_amp(device), cudnn_benchmark=cuda)  # as train.py's configure_backends sets it
+    default = Setup(amp=default_amp(device), cudnn_benchmark=cuda)  # as devices.configure_backends sets it
     return [default, *forced, *([Setup(amp=default.amp, cudnn_benchmark=False)] if cuda else [])]
 
 

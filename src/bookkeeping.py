@@ -101,7 +101,7 @@ class Bookkeeper:
         self.host = HostCopy(device)
         self.saved_epoch = saved_epoch  # the epoch last.pt holds, set by the writer once it is written
         self._queued_last = saved_epoch  # the epoch of the latest last.pt handed to the writer (training thread's)
-        self._last_saved_at = self._last_drawn_at = clock()
+        self._last_saved_at = clock()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petseg-checkpoints")
         self._pending: Future | None = None
 
@@ -130,9 +130,8 @@ class Bookkeeper:
         due = self._queued_last == 0 or clock() - self._last_saved_at >= self.save_every
         if improved or due:
             self._submit(best=improved, last=due)
-        if clock() - self._last_drawn_at >= self.save_every:
-            self._draw(history)
-            self._last_drawn_at = clock()
+        if due:
+            self._draw(history)  # curves.png on last.pt's clock
 
     def save_latest(self, history: list[dict]) -> int:
         """At the end and before any stop: last.pt from the latest host copy if it is newer than the file, every

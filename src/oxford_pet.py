@@ -478,7 +478,7 @@ def load_dataset(
 
     valid and test give normalised float images (3, S, S) and float {0, 1} masks (1, S, S); train
     gives uint8 pairs at crop_source (augment.crop_source_size(S) when None), which
-    batches.augment_batch turns into model input.
+    batches.TrainBatches turns into model input.
     """
     transform = build_transform(train=mode == "train", image_size=image_size, crop_source=crop_source)
     return OxfordPetSegmentation(data_path, mode, transform, skip_bad=skip_bad)

@@ -152,7 +152,7 @@ def add_run_flags(run: argparse._ArgumentGroup) -> None:
     )
     run.add_argument(
         "--save-every", "--save_every", type=non_negative_float, default=DEFAULT_SAVE_EVERY, metavar="SECONDS",
-        help="write last.pt (for --resume) and curves.png at most this often; also after the first epoch, at the end "
+        help="write last.pt (for --resume) and curves.png at most this often, also after the first epoch, at the end "
         "and on Ctrl-C. A killed run loses at most this much training; 0 writes them every epoch",
     )
     run.add_argument(

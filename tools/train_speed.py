@@ -27,6 +27,7 @@ from cache import CachedSplit
 from models import build_model
 from models.stats import count_flops
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
+from train_flags import build_parser
 
 # The official split under the lab's rule, and the recipe's epochs: what a projection is of.
 FULL_TRAIN_IMAGES, FULL_VALID_IMAGES, RECIPE_EPOCHS = 3312, 368, 200
@@ -122,7 +123,7 @@ class Training:
 
 def default_flags(name: str) -> Namespace:
     """train.py's flags as a run with only `-n NAME` has them."""
-    return train.build_parser().parse_args(["-n", name])
+    return build_parser().parse_args(["-n", name])
 
 
 def default_model(name: str, device: torch.device) -> nn.Module:
@@ -132,7 +133,7 @@ def default_model(name: str, device: torch.device) -> nn.Module:
 
 
 def make_training(name: str, device: torch.device, setup: Setup, loader: Sized) -> Training:
-    """train.make_trainer's model, optimiser, schedule (a default-length run of len(loader) steps an epoch)
+    """run_state.make_trainer's model, optimiser, schedule (a default-length run of len(loader) steps an epoch)
     and scaler, for train.py's default flags with the setup's precision and torch.compile. Call inside
     configured(setup)."""
     flags = default_flags(name)

@@ -140,6 +140,6 @@ class ResNetUNet(nn.Module):
         return logits, [head(stage) for head, stage in zip(self.aux_heads, stages, strict=True)]
 
 
-# The names of the default depth, which the tests, the docs and code written against earlier versions import.
+# The names of the default depth, which the tests and code written against earlier versions import.
 ResNet34Encoder = ResNetEncoder
 ResNet34UNet = ResNetUNet
