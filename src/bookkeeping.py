@@ -145,6 +145,16 @@ class Bookkeeper:
                 self._draw(history)
         return self.saved_epoch
 
+    def save_final_weights(self) -> None:
+        """A finished run cannot be resumed: last.pt keeps the final weights without the optimiser's moments that
+        made up two thirds of it, taken from the host copy it was written from (else read back from the file)."""
+        if not self.writes:
+            return
+        self.wait()
+        same = self.host.epoch and self.host.epoch == self.saved_epoch
+        contents = self.host.ready() if same else ckpt.load_checkpoint(self.run_dir / ckpt.LAST_NAME)
+        ckpt.save_checkpoint(self.run_dir / ckpt.LAST_NAME, **{k: v for k, v in contents.items() if k != "training"})
+
     def _draw(self, history: list[dict]) -> None:
         if history:  # none when stopped before the first epoch ended
             plot_learning_curves_or_warn([(self.run_dir.name, history)], self.run_dir / "curves.png", self.title)

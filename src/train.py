@@ -404,11 +404,7 @@ def write_results(run: Run, test: EvalResult) -> None:
     with storage.write_failures_explained(run_dir, run.keeper.resume_command):  # --resume redoes the test, then this
         with atomic_write(run_dir / "results.json", "w") as file:
             json.dump(results, file, indent=2)
-        # A finished run cannot be resumed: last.pt keeps the final weights, without the optimiser's
-        # moments that made up two thirds of it.
-        last = ckpt.load_checkpoint(run_dir / ckpt.LAST_NAME)
-        del last["training"]
-        ckpt.save_checkpoint(run_dir / ckpt.LAST_NAME, **last)
+        run.keeper.save_final_weights()
     print(
         f"Saved {display_path(run_dir / ckpt.BEST_NAME)} and results.json, history.csv, curves.png and last.pt "
         "(the final epoch's weights) beside it."
