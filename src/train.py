@@ -4,13 +4,10 @@
     python src/train.py -n unet -e 100 -b 16
     python src/train.py --resume saved_models/RUN   # continue an interrupted run
 
-Each run gets its own folder in saved_models/: best.pt (best valid Dice), last.pt (for --resume),
-history.csv, curves.png and, at the end, results.json with the test scores of best.pt. Every file
-is replaced atomically, so a crash leaves the previous one whole.
-
-The script reads top to bottom: parse_args() (the flags and their defaults, the recipe, are in
-train_flags.py), main(), set_up() (data, model, optimiser, run folder), train() (the epoch loop, with
-train_one_epoch; what is written after each epoch is bookkeeping.py's), test_best() and write_results().
+Each run gets a folder in saved_models/: best.pt (best valid Dice), last.pt (for --resume), history.csv,
+curves.png and, at the end, results.json with best.pt's test scores (docs/training.md says more). The story
+reads top to bottom: parse_args() (the flags, the recipe, are train_flags.py's), main(), set_up(), train()
+(the epoch loop; what is written after each epoch is bookkeeping.py's), test_best() and write_results().
 """
 
 from __future__ import annotations
@@ -249,16 +246,9 @@ class NonFiniteLoss(Exception):
 
 
 def train_one_epoch(
-    model: nn.Module,
-    loader: TrainBatches,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    loss_fn: Loss,
-    device: torch.device,
-    amp: bool,
-    desc: str,
-    ema: MovingAverage | None = None,
+    model: nn.Module, loader: TrainBatches, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, loss_fn: Loss,
+    device: torch.device, amp: bool, desc: str, ema: MovingAverage | None = None,
 ) -> dict[str, float]:
     """One pass over the training set; returns the mean loss and the mean per-image Dice of its batches.
     The moving average of the weights, if any, follows every step.
