@@ -1,16 +1,11 @@
-"""Decode once: each split's images and masks resized once and kept as uint8 .npy files, then
-served in whole batches straight from memory (batches.py; on the GPU when training there).
-
-JPEG decoding costs milliseconds of a CPU core per photo while the models need far less GPU time,
-so decoding every image every epoch leaves the GPU waiting. The cache is rebuilt by itself when
-the image size or any source file (name, size or modification time) changes, and when a file of
-it is damaged (cut short, of the wrong shape, or failing its CRC-32); where it cannot be saved it
-is kept in memory for the run.
-"""
+"""Decode once: each split's images and masks resized once and kept as uint8 .npy files (decoding every epoch
+leaves the GPU waiting). Rebuilt by itself when the size or a source file (name, size, mtime) changes or a file
+of it is damaged; kept in memory for the run where it cannot be saved (docs/speed.md#decode-once)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -23,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -176,34 +171,16 @@ def fingerprint(dataset: OxfordPetSegmentation, size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-class _Resized(Dataset):
-    """A split's pairs squashed to size x size, still uint8: what the cache stores."""
-
-    def __init__(self, dataset: OxfordPetSegmentation, size: int) -> None:
-        self.dataset = dataset
-        # The same resize the per-image eval transform applies, so cached and uncached tensors are equal.
-        self.resize = v2.Resize((size, size), antialias=True)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.resize(*self.dataset.load_pair(index))
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-
-
 def _crc32(array: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
-def _damage(index: object, arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], names: list[str]) -> str:
-    """What is wrong with a cache that could be read ("" when nothing): checked against what it was made
-    from, and each array against its CRC-32 (a second or so for the full dataset's)."""
+def _damage(index: object, arrays: dict[str, np.ndarray], names: list[str]) -> str:
+    """What is wrong with a cache whose arrays could be read, of the right shape ("" when nothing): its names file
+    against the split, each array against its CRC-32 (a second or so for the full dataset's)."""
     if not isinstance(index, dict) or index.get("names") != names or not isinstance(index.get("crc32"), dict):
         return "its names file does not match the dataset's split"
     for kind, array in arrays.items():
-        if array.shape != shapes[kind] or array.dtype != np.uint8:
-            return f"its {kind} are {array.dtype} {array.shape}, not uint8 {shapes[kind]}"
         if _crc32(array) != index["crc32"].get(kind):
             return f"its {kind} fail their CRC-32 check"
     return ""
@@ -234,7 +211,7 @@ def _load(
     except Exception as error:  # noqa: BLE001
         problem = f"it cannot be read: {type(error).__name__}: {error}"
     else:
-        problem = _damage(index, arrays, shapes, names)
+        problem = _damage(index, arrays, names)
         if not problem:
             return CachedSplit(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["masks"]), list(names))
     print(f"note: the decode-once cache {display_path(names_file)} is damaged ({problem}); rebuilding it.",
@@ -274,9 +251,12 @@ def load_or_build(
         return cached
 
     arrays = {kind: np.empty(shape, dtype=np.uint8) for kind, shape in shapes.items()}
+    resized = copy.copy(dataset)  # its pairs squashed to size x size, still uint8: what the cache stores
+    # The same resize the per-image eval transform applies, so cached and uncached tensors are equal.
+    resized.transform = v2.Resize((size, size), antialias=True)
     # Its own generator: building must not draw from the global RNG, or a run's random stream
     # (and so its weights) would depend on whether the cache already existed.
-    loader = DataLoader(_Resized(dataset, size), batch_size=16, num_workers=num_workers, generator=torch.Generator())
+    loader = DataLoader(resized, batch_size=16, num_workers=num_workers, generator=torch.Generator())
     start = 0
     for image_batch, mask_batch in tqdm(
         loader, desc=f"caching {dataset.split} at {size}px", unit="batch", dynamic_ncols=True
