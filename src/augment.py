@@ -157,15 +157,13 @@ class ColorJitter(Transform):
     per image, as torchvision's adjust_* do."""
 
     strength: float
+    factors = ("brightness", "contrast", "saturation")  # drawn, and applied, in this order
 
     def sample(self, n: int, generator: torch.Generator) -> Params:
-        low, high = 1 - self.strength, 1 + self.strength
-        return {name: _uniform(low, high, n, generator) for name in ("brightness", "contrast", "saturation")}
+        return {name: _uniform(1 - self.strength, 1 + self.strength, n, generator) for name in self.factors}
 
     def apply(self, images: torch.Tensor, masks: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
-        brightness, contrast, saturation = (
-            params[name].view(-1, 1, 1, 1) for name in ("brightness", "contrast", "saturation")
-        )
+        brightness, contrast, saturation = (params[name].view(-1, 1, 1, 1) for name in self.factors)
         weights = device_constant(GRAY_WEIGHTS, images.device)
         images = (images * brightness).clamp(0, 1)
         gray_mean = (images * weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
