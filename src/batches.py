@@ -40,7 +40,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def cache_fits_on_gpu(needed: int, reserve: int, free: int, total: int) -> bool:
     """Whether `needed` bytes of cache fit in a GPU's `free` memory beside `reserve` bytes for training and
-    a headroom of GPU_HEADROOM of its `total`."""
+    GPU_HEADROOM of its `total`."""
     return needed + reserve + GPU_HEADROOM * total <= free
 
 
@@ -127,10 +127,7 @@ class _DecodedSource:
         self.device = device
         self.order = _BatchOrder()
         self.loader = DataLoader(
-            dataset,
-            batch_sampler=self.order,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
+            dataset, batch_sampler=self.order, num_workers=num_workers, pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
             # Its own generator for the workers' seeds: the batches' generator must draw the same
             # numbers as with the cache, and the global RNG must not move.
@@ -241,12 +238,9 @@ def make_loaders(
         valid_loader = EvalBatches(cached["valid"], batch_per_process, device, IMAGENET_MEAN, IMAGENET_STD, valid_share)
     else:
         train_source = datasets["train"]
-        valid_loader = DataLoader(
-            Subset(datasets["valid"], valid_share),
-            batch_per_process,
-            num_workers=args.num_workers,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator(),  # evaluating must not draw from the global RNG
+        valid_loader = DataLoader(  # its own generator: evaluating must not draw from the global RNG
+            Subset(datasets["valid"], valid_share), batch_per_process, num_workers=args.num_workers,
+            pin_memory=device.type == "cuda", generator=torch.Generator(),
         )
     train_loader = TrainBatches(
         train_source, batch_per_process, device, args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.seed,

@@ -44,7 +44,6 @@ class CachedSplit:
         return self.images.nbytes + self.masks.nbytes
 
     def to(self, device: torch.device) -> CachedSplit:
-        """The split with its arrays on `device`."""
         return CachedSplit(self.images.to(device), self.masks.to(device), self.names)
 
 
@@ -258,12 +257,10 @@ def load_or_build(
     # (and so its weights) would depend on whether the cache already existed.
     loader = DataLoader(resized, batch_size=16, num_workers=num_workers, generator=torch.Generator())
     start = 0
-    for image_batch, mask_batch in tqdm(
-        loader, desc=f"caching {dataset.split} at {size}px", unit="batch", dynamic_ncols=True
-    ):
-        arrays["images"][start : start + len(image_batch)] = image_batch.numpy()
-        arrays["masks"][start : start + len(mask_batch)] = mask_batch.numpy()
-        start += len(image_batch)
+    for images, masks in tqdm(loader, desc=f"caching {dataset.split} at {size}px", unit="batch", dynamic_ncols=True):
+        rows = slice(start, start + len(images))
+        arrays["images"][rows], arrays["masks"][rows] = images.numpy(), masks.numpy()
+        start = rows.stop
     saved: list[Path] = []
     try:
         _save(files, names_file, arrays, dataset.names, saved)
