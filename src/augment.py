@@ -27,11 +27,6 @@ def _percent(fraction: float) -> str:
     return f"{100 * fraction:g}"
 
 
-def _aspect(ratio: float) -> str:
-    fraction = Fraction(ratio).limit_denominator(10)
-    return f"{fraction.numerator}:{fraction.denominator}"
-
-
 # ----------------------------------------------------------------------------- operations
 
 
@@ -107,7 +102,8 @@ class RandomResizedCrop(Affine):
         return matrix
 
     def describe(self) -> str:
-        aspect = "–".join(_aspect(ratio) for ratio in self.ratio)
+        fractions = [Fraction(ratio).limit_denominator(10) for ratio in self.ratio]
+        aspect = "–".join(f"{fraction.numerator}:{fraction.denominator}" for fraction in fractions)
         return f"random crop of {_percent(self.scale[0])}–{_percent(self.scale[1])} % of the area at aspect {aspect}"
 
     def area_kept(self) -> float:

@@ -196,13 +196,11 @@ def _read_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def _load(
-    files: dict[str, Path], names_file: Path, shapes: dict[str, tuple[int, ...]], names: list[str]
-) -> CachedSplit | None:
+def _load(files: dict[str, Path], shapes: dict[str, tuple[int, ...]], names: list[str]) -> CachedSplit | None:
     """The cache these files hold, or None when there is none to use: not built yet, half-built, removed
     as stale by a run of another fingerprint while this one was about to read it, or damaged (said in a note)."""
     try:
-        index = json.loads(names_file.read_text())  # written last: once it is there, the arrays are complete
+        index = json.loads(files["names"].read_text())  # written last: once it is there, the arrays are complete
         arrays = {kind: _read_array(files[kind], shapes[kind]) for kind in ("images", "masks")}
     except FileNotFoundError:
         return None
@@ -213,14 +211,12 @@ def _load(
         problem = _damage(index, arrays, names)
         if not problem:
             return CachedSplit(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["masks"]), list(names))
-    print(f"note: the decode-once cache {display_path(names_file)} is damaged ({problem}); rebuilding it.",
+    print(f"note: the decode-once cache {display_path(files['names'])} is damaged ({problem}); rebuilding it.",
           file=sys.stderr)
     return None
 
 
-def _save(
-    files: dict[str, Path], names_file: Path, arrays: dict[str, np.ndarray], names: list[str], saved: list[Path]
-) -> None:
+def _save(files: dict[str, Path], arrays: dict[str, np.ndarray], names: list[str], saved: list[Path]) -> None:
     """Save the arrays, then the names file; `saved` collects each file once this call has put it in place."""
     files["images"].parent.mkdir(parents=True, exist_ok=True)
     for kind, array in arrays.items():
@@ -228,9 +224,9 @@ def _save(
             np.save(file, array)
         saved.append(files[kind])
     # The names file goes last: the cache counts as complete only once it is there.
-    with atomic_write(names_file, "w") as file:
+    with atomic_write(files["names"], "w") as file:
         json.dump({"names": names, "crc32": {kind: _crc32(array) for kind, array in arrays.items()}}, file)
-    saved.append(names_file)
+    saved.append(files["names"])
 
 
 def load_or_build(
@@ -242,10 +238,10 @@ def load_or_build(
     prefix = f"{hashlib.sha256(str(dataset.data_path.resolve()).encode()).hexdigest()[:8]}-{dataset.split}-{size}"
     base = cache_dir / f"{prefix}-{fingerprint(dataset, size)}"
     files = {kind: base.with_name(f"{base.name}.{kind}.npy") for kind in ("images", "masks")}
-    names_file = base.with_name(f"{base.name}.names.json")
+    files["names"] = base.with_name(f"{base.name}.names.json")
     n = len(dataset)
     shapes = {"images": (n, 3, size, size), "masks": (n, 1, size, size)}
-    cached = _load(files, names_file, shapes, dataset.names)
+    cached = _load(files, shapes, dataset.names)
     if cached is not None:
         return cached
 
@@ -263,7 +259,7 @@ def load_or_build(
         start = rows.stop
     saved: list[Path] = []
     try:
-        _save(files, names_file, arrays, dataset.names, saved)
+        _save(files, arrays, dataset.names, saved)
     except OSError as error:
         for path in saved:  # what this call saved before the failure is no use alone; another run's files stay
             with contextlib.suppress(OSError):
