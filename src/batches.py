@@ -29,8 +29,7 @@ GPU_HEADROOM = 0.1
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` on `device`: as it is when already there, else copied (from page-locked memory, without
-    waiting, on CUDA)."""
+    """`tensor` on `device`, copied only from elsewhere (from page-locked memory, without waiting, on CUDA)."""
     if same_device(tensor.device, device):
         return tensor
     if tensor.device.type == "cpu" and non_blocking(device):
@@ -90,7 +89,6 @@ class _CachedSource:
         self.pin = self.images.device.type == "cpu" and device.type == "cuda"
 
     def gather(self, storage: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The indexed images of `storage`, where it lives (in pinned memory when it is the CPU's for a GPU)."""
         out = torch.empty(
             (len(index), *storage.shape[1:]), dtype=storage.dtype, device=storage.device, pin_memory=self.pin
         )

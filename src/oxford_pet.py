@@ -300,10 +300,8 @@ def too_big(path: Path, error: Image.DecompressionBombError) -> DatasetError:
 
 def read_image(path: Path, exif_orientation: bool = False) -> torch.Tensor:
     """RGB uint8 (3, H, W) from any file Pillow reads, whatever its mode (gray, RGBA, palette, CMYK, 16-bit) or suffix.
-
-    exif_orientation turns the image upright as its EXIF tag says, as photo viewers do: for users' photos
-    (phones store portrait ones sideways). The dataset's images are read as stored, since their trimaps are.
-    """
+    exif_orientation turns it upright as its EXIF tag says, as photo viewers do, for users' photos (phones store
+    portrait ones sideways); the dataset's images are read as stored, since their trimaps are."""
     try:
         with open_image(path) as image:
             if exif_orientation:  # in place: a 48-megapixel photo is 144 MB, and no copy waits beside it
