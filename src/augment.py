@@ -1,14 +1,6 @@
-"""The training augmentation, all of it: the presets --augment names, drawing their random choices, and
-applying them to whole batches on the training device, for every data source.
-
-A preset (Augmentation) is a list of operations, each a small class that draws its own parameters. A
-Transform applies itself; an Affine operation (crop, flip, rotation) only declares a map per image, and the
-preset's Affine operations are composed into one affine map, sampled with one grid_sample per batch:
-bilinear for images, nearest for masks, so that masks stay exactly 0/1 and move with their image. Choices
-are drawn apart from applying them, on the CPU, so that processes training together can draw for the whole
-global batch, in step, and each apply its own share, and so that a resumed run draws the same. A new kind
-of operation is one class here and its place in a preset.
-"""
+"""The training augmentation: the --augment presets, their random choices (drawn on the CPU, apart from
+applying them, so processes draw in step and a resumed run draws the same) and applying them to whole batches
+on the training device, the Affine operations as one grid_sample (docs/recipe.md#augmentation-presets)."""
 
 from __future__ import annotations
 
@@ -21,7 +13,7 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-from devices import device_constant, same_device
+from devices import device_constant
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 Params = dict[str, torch.Tensor]
@@ -33,11 +25,6 @@ def _uniform(low: float, high: float, n: int, generator: torch.Generator) -> tor
 
 def _percent(fraction: float) -> str:
     return f"{100 * fraction:g}"
-
-
-def _aspect(ratio: float) -> str:
-    fraction = Fraction(ratio).limit_denominator(10)
-    return f"{fraction.numerator}:{fraction.denominator}"
 
 
 # ----------------------------------------------------------------------------- operations
@@ -102,9 +89,8 @@ class RandomResizedCrop(Affine):
         ratio = torch.exp(_uniform(low, high, n * tries, generator).view(n, tries))
         width, height = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
         fits = (width <= 1) & (height <= 1)
-        first = fits.int().argmax(dim=1)
-        width = torch.where(fits.any(1), width.gather(1, first[:, None])[:, 0], torch.ones(n))
-        height = torch.where(fits.any(1), height.gather(1, first[:, None])[:, 0], torch.ones(n))
+        found, first = fits.any(1), fits.int().argmax(dim=1)[:, None]
+        width, height = (torch.where(found, side.gather(1, first)[:, 0], torch.ones(n)) for side in (width, height))
         cx = width / 2 + (1 - width) * torch.rand(n, generator=generator)
         cy = height / 2 + (1 - height) * torch.rand(n, generator=generator)
         return {"cx": cx, "cy": cy, "width": width, "height": height}
@@ -116,7 +102,8 @@ class RandomResizedCrop(Affine):
         return matrix
 
     def describe(self) -> str:
-        aspect = "–".join(_aspect(ratio) for ratio in self.ratio)
+        fractions = [Fraction(ratio).limit_denominator(10) for ratio in self.ratio]
+        aspect = "–".join(f"{fraction.numerator}:{fraction.denominator}" for fraction in fractions)
         return f"random crop of {_percent(self.scale[0])}–{_percent(self.scale[1])} % of the area at aspect {aspect}"
 
     def area_kept(self) -> float:
@@ -166,15 +153,13 @@ class ColorJitter(Transform):
     per image, as torchvision's adjust_* do."""
 
     strength: float
+    factors = ("brightness", "contrast", "saturation")  # drawn, and applied, in this order
 
     def sample(self, n: int, generator: torch.Generator) -> Params:
-        low, high = 1 - self.strength, 1 + self.strength
-        return {name: _uniform(low, high, n, generator) for name in ("brightness", "contrast", "saturation")}
+        return {name: _uniform(1 - self.strength, 1 + self.strength, n, generator) for name in self.factors}
 
     def apply(self, images: torch.Tensor, masks: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
-        brightness, contrast, saturation = (
-            params[name].view(-1, 1, 1, 1) for name in ("brightness", "contrast", "saturation")
-        )
+        brightness, contrast, saturation = (params[name].view(-1, 1, 1, 1) for name in self.factors)
         weights = device_constant(GRAY_WEIGHTS, images.device)
         images = (images * brightness).clamp(0, 1)
         gray_mean = (images * weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
@@ -242,14 +227,6 @@ class Choices:
         """The choices of some of the images, e.g. one process's share of a global batch."""
         return Choices(tuple({name: tensor[index] for name, tensor in params.items()} for params in self.steps))
 
-    def to(self, device: torch.device) -> Choices:
-        """The choices on `device`; those already there are kept as they are (no copy)."""
-        return Choices(tuple(
-            {name: tensor if same_device(tensor.device, device) else tensor.to(device)
-             for name, tensor in params.items()}
-            for params in self.steps
-        ))
-
     def pack(self) -> torch.Tensor:
         """All choices as one (n, width) float32 tensor, each in columns of its own: a whole epoch's choices
         travel to the GPU in one copy."""
@@ -295,18 +272,13 @@ class Augmentation:
         return Choices(tuple(step.sample(n, generator) for step in self.steps))
 
     def apply(
-        self,
-        images: torch.Tensor,
-        masks: torch.Tensor,
-        choices: Choices,
-        size: int,
+        self, images: torch.Tensor, masks: torch.Tensor, choices: Choices, size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images (N, 3, M, M) and masks (N, 1, M, M), on any device, to augmented float images in [0, 1]
-        (N, 3, size, size) and float {0, 1} masks (N, 1, size, size) on that device (oxford_pet.normalize
-        then makes the images model input). Choices already on that
-        device are used in place: nothing is copied at each step."""
+        """uint8 images (N, 3, M, M) and masks (N, 1, M, M) to augmented float images in [0, 1] (N, 3, size, size)
+        and float {0, 1} masks (N, 1, size, size), on their device, where `choices` must be too (Choices.unpack
+        puts them there in one copy); oxford_pet.normalize then makes the images model input."""
         images, masks = images.float() / 255, masks.float()
-        for step, params in zip(self.steps, choices.to(images.device).steps, strict=True):
+        for step, params in zip(self.steps, choices.steps, strict=True):
             if isinstance(step, _Warp):
                 images, masks = step.apply(images, masks, params, size)
             else:
@@ -339,11 +311,6 @@ DEFAULT_AUGMENTATION = AUGMENTATIONS["default"]
 
 
 def crop_source_size(image_size: int, augmentation: Augmentation = DEFAULT_AUGMENTATION) -> int:
-    """Side of the square image that training crops are taken from: a square crop of the smallest
-    area the augmentation keeps (its crop's scale[0]) still has image_size pixels a side. The narrowest
-    crops of that area (the ends of the crop's ratio, 3:4 by default) are stretched along their short
-    side, by up to 1.15x."""
+    """Side of the square training crops are taken from: a square crop of the smallest area the augmentation
+    keeps still has image_size pixels a side (the narrowest, 3:4 by default, are stretched up to 1.15x)."""
     return math.ceil(image_size / math.sqrt(math.prod(op.area_kept() for op in augmentation.ops)))
-
-
-# ----------------------------------------------------------------------------- applying

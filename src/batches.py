@@ -1,9 +1,5 @@
-"""Model-ready batches made on the training device, from the decode-once cache or decoded per image.
-
-Both sources hold the same uint8 images (squashed once, see oxford_pet.build_transform), one
-generator shuffles them, and the one batched augmentation (augment.py) runs on the training device:
-for the same seed, cached and per-image training see the same batches.
-"""
+"""Model-ready batches made on the training device, from the decode-once cache or decoded per image: the same
+uint8 images, one generator and one batched augmentation, so for a seed both sources give the same batches."""
 
 from __future__ import annotations
 
@@ -33,8 +29,7 @@ GPU_HEADROOM = 0.1
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` on `device`: as it is when already there, else copied (from page-locked memory, without
-    waiting, on CUDA)."""
+    """`tensor` on `device`, copied only from elsewhere (from page-locked memory, without waiting, on CUDA)."""
     if same_device(tensor.device, device):
         return tensor
     if tensor.device.type == "cpu" and non_blocking(device):
@@ -44,16 +39,14 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def cache_fits_on_gpu(needed: int, reserve: int, free: int, total: int) -> bool:
     """Whether `needed` bytes of cache fit in a GPU's `free` memory beside `reserve` bytes for training and
-    a headroom of GPU_HEADROOM of its `total`."""
+    GPU_HEADROOM of its `total`."""
     return needed + reserve + GPU_HEADROOM * total <= free
 
 
 def place_cache(splits: dict[str, CachedSplit], device: torch.device, reserve: int) -> dict[str, CachedSplit]:
-    """Where the cached splits serve batches from: on a CUDA GPU, its own memory when all of them fit in
-    what is free now beside `reserve` bytes for training (no copy per batch); else the CPU's memory, from
-    which batches are copied page-locked. On MPS the memory is the CPU's anyway, and batches are cut there:
-    MPS has silently returned zero rows from index_select on tensors over 2**31 elements, and aborted on
-    tensors over 4 GiB, in some releases. On the CPU nothing moves."""
+    """The cached splits on a CUDA GPU when all fit beside `reserve` bytes for training, else left in the CPU's
+    memory (batches copied page-locked). On MPS they stay there too: some releases returned zero rows from
+    index_select on tensors over 2**31 elements, and aborted on tensors over 4 GiB."""
     if device.type != "cuda":
         return splits
     needed = sum(split.nbytes for split in splits.values())
@@ -96,7 +89,6 @@ class _CachedSource:
         self.pin = self.images.device.type == "cpu" and device.type == "cuda"
 
     def gather(self, storage: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The indexed images of `storage`, where it lives (in pinned memory when it is the CPU's for a GPU)."""
         out = torch.empty(
             (len(index), *storage.shape[1:]), dtype=storage.dtype, device=storage.device, pin_memory=self.pin
         )
@@ -133,10 +125,7 @@ class _DecodedSource:
         self.device = device
         self.order = _BatchOrder()
         self.loader = DataLoader(
-            dataset,
-            batch_sampler=self.order,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
+            dataset, batch_sampler=self.order, num_workers=num_workers, pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
             # Its own generator for the workers' seeds: the batches' generator must draw the same
             # numbers as with the cache, and the global RNG must not move.
@@ -152,29 +141,15 @@ class _DecodedSource:
 
 
 class TrainBatches:
-    """Shuffled, augmented training batches on `device`; iterates like a DataLoader with drop_last.
-
-    `source` is a cached split or a dataset of uint8 pairs (build_transform(train=True)), at the crop
-    source size of `augmentation`, the preset the batches are augmented with. `generator`
-    drives shuffling and augmentation; saving its state in last.pt makes a resumed run exact.
-    Processes training together (rank of world_size) hold the same generator and draw in step for
-    the whole global batch of world_size x `batch_size` images, each taking its own `batch_size`:
-    together they see exactly the batches one process would.
-    """
+    """Shuffled, augmented training batches on `device`, like a DataLoader with drop_last, from a cached split or
+    a dataset of uint8 pairs at `augmentation`'s crop source size. One generator, seeded by `seed` and saved in
+    last.pt, draws the order and the augmentation; processes training together draw in step for the global batch
+    of world_size x `batch_size` images and each takes its share, so together they see the batches one would."""
 
     def __init__(
-        self,
-        source: CachedSplit | Dataset,
-        batch_size: int,
-        device: torch.device,
-        image_size: int,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        seed: int = 0,
-        num_workers: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        augmentation: Augmentation = DEFAULT_AUGMENTATION,
+        self, source: CachedSplit | Dataset, batch_size: int, device: torch.device, image_size: int,
+        mean: tuple[float, ...], std: tuple[float, ...], seed: int = 0, num_workers: int = 0, rank: int = 0,
+        world_size: int = 1, augmentation: Augmentation = DEFAULT_AUGMENTATION,
     ) -> None:
         # Only the count is kept: a cache moved to the GPU must not stay in the CPU's memory too.
         self.n_images = len(source)
@@ -213,32 +188,13 @@ class TrainBatches:
             yield normalize(images, self.mean, self.std), masks
 
 
-def augment_batch(
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    generator: torch.Generator,
-    augmentation: Augmentation = DEFAULT_AUGMENTATION,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One whole batch as TrainBatches makes it: its choices drawn, applied, the images normalised."""
-    images, masks = augmentation.apply(images, masks, augmentation.sample(len(images), generator), size)
-    return normalize(images, mean, std), masks
-
-
 class EvalBatches:
     """A cached eval split in order, every image once (or this process's `share` of them), normalised
     on `device`: what the per-image eval transform gives, without decoding."""
 
     def __init__(
-        self,
-        split: CachedSplit,
-        batch_size: int,
-        device: torch.device,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        share: range | None = None,
+        self, split: CachedSplit, batch_size: int, device: torch.device, mean: tuple[float, ...],
+        std: tuple[float, ...], share: range | None = None,
     ) -> None:
         self.indexes = torch.arange(len(split)) if share is None else torch.tensor(share, dtype=torch.int64)
         self.batch_size = batch_size
@@ -258,10 +214,8 @@ def make_loaders(
     args: argparse.Namespace, data_path: Path, device: torch.device, processes: Processes, batch_per_process: int,
     reserve: int = 0,
 ) -> tuple[TrainBatches, EvalBatches | DataLoader, int]:
-    """Train and valid batches, and the number of valid images. From the decode-once cache unless --no-cache,
-    or it would not fit in memory; either way the training augmentation runs on whole batches on `device`
-    (batches.TrainBatches). Each process gets its share of every training batch and of the valid images.
-    The cache serves batches from the GPU's memory when it fits there beside `reserve` bytes for training."""
+    """Train and valid batches, and the number of valid images: from the decode-once cache unless --no-cache or
+    it would not fit in memory. Each process gets its share of every training batch and of the valid images."""
     augmentation = AUGMENTATIONS[args.augment]
     sizes = {"train": crop_source_size(args.image_size, augmentation), "valid": args.image_size}
     datasets = {
@@ -282,12 +236,9 @@ def make_loaders(
         valid_loader = EvalBatches(cached["valid"], batch_per_process, device, IMAGENET_MEAN, IMAGENET_STD, valid_share)
     else:
         train_source = datasets["train"]
-        valid_loader = DataLoader(
-            Subset(datasets["valid"], valid_share),
-            batch_per_process,
-            num_workers=args.num_workers,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator(),  # evaluating must not draw from the global RNG
+        valid_loader = DataLoader(  # its own generator: evaluating must not draw from the global RNG
+            Subset(datasets["valid"], valid_share), batch_per_process, num_workers=args.num_workers,
+            pin_memory=device.type == "cuda", generator=torch.Generator(),
         )
     train_loader = TrainBatches(
         train_source, batch_per_process, device, args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.seed,

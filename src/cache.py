@@ -1,16 +1,11 @@
-"""Decode once: each split's images and masks resized once and kept as uint8 .npy files, then
-served in whole batches straight from memory (batches.py; on the GPU when training there).
-
-JPEG decoding costs milliseconds of a CPU core per photo while the models need far less GPU time,
-so decoding every image every epoch leaves the GPU waiting. The cache is rebuilt by itself when
-the image size or any source file (name, size or modification time) changes, and when a file of
-it is damaged (cut short, of the wrong shape, or failing its CRC-32); where it cannot be saved it
-is kept in memory for the run.
-"""
+"""Decode once: each split's images and masks resized once and kept as uint8 .npy files (decoding every epoch
+leaves the GPU waiting). Rebuilt by itself when the size or a source file (name, size, mtime) changes or a file
+of it is damaged; kept in memory for the run where it cannot be saved (docs/speed.md#decode-once)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -23,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -49,7 +44,6 @@ class CachedSplit:
         return self.images.nbytes + self.masks.nbytes
 
     def to(self, device: torch.device) -> CachedSplit:
-        """The split with its arrays on `device`."""
         return CachedSplit(self.images.to(device), self.masks.to(device), self.names)
 
 
@@ -176,34 +170,16 @@ def fingerprint(dataset: OxfordPetSegmentation, size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-class _Resized(Dataset):
-    """A split's pairs squashed to size x size, still uint8: what the cache stores."""
-
-    def __init__(self, dataset: OxfordPetSegmentation, size: int) -> None:
-        self.dataset = dataset
-        # The same resize the per-image eval transform applies, so cached and uncached tensors are equal.
-        self.resize = v2.Resize((size, size), antialias=True)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.resize(*self.dataset.load_pair(index))
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
-
-
 def _crc32(array: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
-def _damage(index: object, arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], names: list[str]) -> str:
-    """What is wrong with a cache that could be read ("" when nothing): checked against what it was made
-    from, and each array against its CRC-32 (a second or so for the full dataset's)."""
+def _damage(index: object, arrays: dict[str, np.ndarray], names: list[str]) -> str:
+    """What is wrong with a cache whose arrays could be read, of the right shape ("" when nothing): its names file
+    against the split, each array against its CRC-32 (a second or so for the full dataset's)."""
     if not isinstance(index, dict) or index.get("names") != names or not isinstance(index.get("crc32"), dict):
         return "its names file does not match the dataset's split"
     for kind, array in arrays.items():
-        if array.shape != shapes[kind] or array.dtype != np.uint8:
-            return f"its {kind} are {array.dtype} {array.shape}, not uint8 {shapes[kind]}"
         if _crc32(array) != index["crc32"].get(kind):
             return f"its {kind} fail their CRC-32 check"
     return ""
@@ -220,13 +196,11 @@ def _read_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def _load(
-    files: dict[str, Path], names_file: Path, shapes: dict[str, tuple[int, ...]], names: list[str]
-) -> CachedSplit | None:
+def _load(files: dict[str, Path], shapes: dict[str, tuple[int, ...]], names: list[str]) -> CachedSplit | None:
     """The cache these files hold, or None when there is none to use: not built yet, half-built, removed
     as stale by a run of another fingerprint while this one was about to read it, or damaged (said in a note)."""
     try:
-        index = json.loads(names_file.read_text())  # written last: once it is there, the arrays are complete
+        index = json.loads(files["names"].read_text())  # written last: once it is there, the arrays are complete
         arrays = {kind: _read_array(files[kind], shapes[kind]) for kind in ("images", "masks")}
     except FileNotFoundError:
         return None
@@ -234,17 +208,15 @@ def _load(
     except Exception as error:  # noqa: BLE001
         problem = f"it cannot be read: {type(error).__name__}: {error}"
     else:
-        problem = _damage(index, arrays, shapes, names)
+        problem = _damage(index, arrays, names)
         if not problem:
             return CachedSplit(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["masks"]), list(names))
-    print(f"note: the decode-once cache {display_path(names_file)} is damaged ({problem}); rebuilding it.",
+    print(f"note: the decode-once cache {display_path(files['names'])} is damaged ({problem}); rebuilding it.",
           file=sys.stderr)
     return None
 
 
-def _save(
-    files: dict[str, Path], names_file: Path, arrays: dict[str, np.ndarray], names: list[str], saved: list[Path]
-) -> None:
+def _save(files: dict[str, Path], arrays: dict[str, np.ndarray], names: list[str], saved: list[Path]) -> None:
     """Save the arrays, then the names file; `saved` collects each file once this call has put it in place."""
     files["images"].parent.mkdir(parents=True, exist_ok=True)
     for kind, array in arrays.items():
@@ -252,9 +224,9 @@ def _save(
             np.save(file, array)
         saved.append(files[kind])
     # The names file goes last: the cache counts as complete only once it is there.
-    with atomic_write(names_file, "w") as file:
+    with atomic_write(files["names"], "w") as file:
         json.dump({"names": names, "crc32": {kind: _crc32(array) for kind, array in arrays.items()}}, file)
-    saved.append(names_file)
+    saved.append(files["names"])
 
 
 def load_or_build(
@@ -266,27 +238,28 @@ def load_or_build(
     prefix = f"{hashlib.sha256(str(dataset.data_path.resolve()).encode()).hexdigest()[:8]}-{dataset.split}-{size}"
     base = cache_dir / f"{prefix}-{fingerprint(dataset, size)}"
     files = {kind: base.with_name(f"{base.name}.{kind}.npy") for kind in ("images", "masks")}
-    names_file = base.with_name(f"{base.name}.names.json")
+    files["names"] = base.with_name(f"{base.name}.names.json")
     n = len(dataset)
     shapes = {"images": (n, 3, size, size), "masks": (n, 1, size, size)}
-    cached = _load(files, names_file, shapes, dataset.names)
+    cached = _load(files, shapes, dataset.names)
     if cached is not None:
         return cached
 
     arrays = {kind: np.empty(shape, dtype=np.uint8) for kind, shape in shapes.items()}
+    resized = copy.copy(dataset)  # its pairs squashed to size x size, still uint8: what the cache stores
+    # The same resize the per-image eval transform applies, so cached and uncached tensors are equal.
+    resized.transform = v2.Resize((size, size), antialias=True)
     # Its own generator: building must not draw from the global RNG, or a run's random stream
     # (and so its weights) would depend on whether the cache already existed.
-    loader = DataLoader(_Resized(dataset, size), batch_size=16, num_workers=num_workers, generator=torch.Generator())
+    loader = DataLoader(resized, batch_size=16, num_workers=num_workers, generator=torch.Generator())
     start = 0
-    for image_batch, mask_batch in tqdm(
-        loader, desc=f"caching {dataset.split} at {size}px", unit="batch", dynamic_ncols=True
-    ):
-        arrays["images"][start : start + len(image_batch)] = image_batch.numpy()
-        arrays["masks"][start : start + len(mask_batch)] = mask_batch.numpy()
-        start += len(image_batch)
+    for images, masks in tqdm(loader, desc=f"caching {dataset.split} at {size}px", unit="batch", dynamic_ncols=True):
+        rows = slice(start, start + len(images))
+        arrays["images"][rows], arrays["masks"][rows] = images.numpy(), masks.numpy()
+        start = rows.stop
     saved: list[Path] = []
     try:
-        _save(files, names_file, arrays, dataset.names, saved)
+        _save(files, arrays, dataset.names, saved)
     except OSError as error:
         for path in saved:  # what this call saved before the failure is no use alone; another run's files stay
             with contextlib.suppress(OSError):

@@ -87,11 +87,9 @@ def split_names(data_path: Path, split: str) -> list[str]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     names = read_names(split_file(data_path, split))
-    if split == "train":
-        return [name for i, name in enumerate(names) if i % 10 != 0]
-    if split == "valid":
-        return [name for i, name in enumerate(names) if i % 10 == 0]
-    return names
+    if split == "test":
+        return names
+    return [name for i, name in enumerate(names) if (i % 10 == 0) == (split == "valid")]
 
 
 def check_split_overlap(data_path: Path) -> None:
@@ -302,10 +300,8 @@ def too_big(path: Path, error: Image.DecompressionBombError) -> DatasetError:
 
 def read_image(path: Path, exif_orientation: bool = False) -> torch.Tensor:
     """RGB uint8 (3, H, W) from any file Pillow reads, whatever its mode (gray, RGBA, palette, CMYK, 16-bit) or suffix.
-
-    exif_orientation turns the image upright as its EXIF tag says, as photo viewers do: for users' photos
-    (phones store portrait ones sideways). The dataset's images are read as stored, since their trimaps are.
-    """
+    exif_orientation turns it upright as its EXIF tag says, as photo viewers do, for users' photos (phones store
+    portrait ones sideways); the dataset's images are read as stored, since their trimaps are."""
     try:
         with open_image(path) as image:
             if exif_orientation:  # in place: a 48-megapixel photo is 144 MB, and no copy waits beside it
@@ -381,40 +377,27 @@ def trimap_to_mask(trimap: torch.Tensor) -> torch.Tensor:
 
 
 def build_transform(
-    train: bool,
-    image_size: int = 256,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
+    train: bool, image_size: int = 256, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
     crop_source: int | None = None,
 ) -> v2.Transform:
-    """Transforms on (Image, Mask) pairs; geometry is applied to both (masks with nearest interpolation).
-
-    Eval squashes the whole image to image_size x image_size and normalises it. Train only squashes
-    it to crop_source x crop_source (augment.crop_source_size of the augmentation trained with; of the
-    default one when None) and keeps uint8, as the decode-once cache stores it: the augmentation itself
-    runs on whole batches on the training device (augment.py), the same for both, so cached and
-    per-image training see the same augmentation.
-    """
+    """The transform of (Image, Mask) pairs. Eval squashes to image_size and gives a normalised float image and a
+    float {0, 1} mask. Train squashes to crop_source (augment.crop_source_size when None) and keeps uint8, as the
+    decode-once cache stores it: batches.TrainBatches augments both sources alike on the training device."""
     if train:
         source = crop_source_size(image_size) if crop_source is None else crop_source
         return v2.Resize((source, source), antialias=True)
-    return v2.Compose([v2.Resize((image_size, image_size), antialias=True), *to_model_input(mean, std)])
-
-
-def to_model_input(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.Transform]:
-    """uint8 image -> normalised float; mask -> float {0, 1}."""
-    return [
+    return v2.Compose([
+        v2.Resize((image_size, image_size), antialias=True),
         v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.float32, "others": None}, scale=True),
         v2.Lambda(partial(normalize, mean=tuple(mean), std=tuple(std)), tv_tensors.Image),
-    ]
+    ])
 
 
 def normalize(
     images: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> torch.Tensor:
-    """Images in [0, 1] as model input, (images - mean) / std per channel: the one normaliser of every path
-    (per image, cached, augmented on the device, ensembles), for one image (C, H, W) or a batch. Its constants
-    are made once per device."""
+    """Images in [0, 1] as model input, (images - mean) / std per channel, for one image (C, H, W) or a batch:
+    the one normaliser of every path (per image, cached, augmented, ensembles)."""
     return (images - device_constant(tuple(mean), images.device)[0]) / device_constant(tuple(std), images.device)[0]
 
 
@@ -429,11 +412,8 @@ def denormalize(
 
 
 class OxfordPetSegmentation(Dataset):
-    """(image, mask) pairs of one split, as its transform makes them (see build_transform).
-
-    A pair that cannot be used raises DatasetError naming the file; with skip_bad every pair is
-    decoded once up front and the bad ones are left out, with one warning listing them.
-    """
+    """(image, mask) pairs of one split, as its transform makes them. A pair that cannot be used raises
+    DatasetError naming the file; with skip_bad every pair is decoded up front and the bad ones left out."""
 
     def __init__(
         self, data_path: Path, split: str, transform: v2.Transform | None = None, skip_bad: bool = False
@@ -468,17 +448,8 @@ class OxfordPetSegmentation(Dataset):
 
 
 def load_dataset(
-    data_path: Path,
-    mode: str,
-    image_size: int = 256,
-    skip_bad: bool = False,
-    crop_source: int | None = None,
+    data_path: Path, mode: str, image_size: int = 256, skip_bad: bool = False, crop_source: int | None = None
 ) -> OxfordPetSegmentation:
-    """The lab template's entry point: the `mode` split with the recipe's transform.
-
-    valid and test give normalised float images (3, S, S) and float {0, 1} masks (1, S, S); train
-    gives uint8 pairs at crop_source (augment.crop_source_size(S) when None), which
-    batches.TrainBatches turns into model input.
-    """
+    """The lab template's entry point: the `mode` split with the recipe's transform (build_transform)."""
     transform = build_transform(train=mode == "train", image_size=image_size, crop_source=crop_source)
     return OxfordPetSegmentation(data_path, mode, transform, skip_bad=skip_bad)

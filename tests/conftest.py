@@ -8,8 +8,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
+
+    from augment import Augmentation
 
 # Before any project module is imported (the cache reads it then), and inherited by the scripts
 # the tests start: decoded-image caches go to a throwaway folder, never into the repository.
@@ -69,6 +75,19 @@ def train_with_ctrl_c_in_epoch_2(monkeypatch: pytest.MonkeyPatch, argv: list[str
         with pytest.raises(SystemExit) as exit_info:
             train.main(argv)
     return exit_info.value.code
+
+
+def augment_batch(
+    images: torch.Tensor, masks: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...],
+    generator: torch.Generator, augmentation: Augmentation | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One whole batch as batches.TrainBatches makes it: its choices drawn, applied, the images normalised."""
+    from augment import DEFAULT_AUGMENTATION
+    from oxford_pet import normalize
+
+    augmentation = DEFAULT_AUGMENTATION if augmentation is None else augmentation
+    images, masks = augmentation.apply(images, masks, augmentation.sample(len(images), generator), size)
+    return normalize(images, mean, std), masks
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,9 @@ import augment
 import batches
 import train
 from augment import AUGMENTATIONS, DEFAULT_AUGMENTATION, crop_source_size
-from batches import EvalBatches, augment_batch
+from batches import EvalBatches
 from cache import load_or_build
+from conftest import augment_batch
 from distributed import Processes
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, OxfordPetSegmentation, load_dataset
 from test_data import _agreement_away_from_edges, _asymmetric_pair

@@ -29,9 +29,9 @@ import run_state
 import train
 import utils
 from augment import crop_source_size
-from batches import TrainBatches, augment_batch
+from batches import TrainBatches
 from cache import load_or_build
-from conftest import SRC, train_with_ctrl_c_in_epoch_2
+from conftest import SRC, augment_batch, train_with_ctrl_c_in_epoch_2
 from evaluate import evaluate
 from models import build_model
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, load_dataset
