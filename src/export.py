@@ -3,13 +3,8 @@
     python src/export.py -m saved_models/RUN                        # writes saved_models/RUN/best.onnx
     python src/export.py -m saved_models/RUN/last.pt --output pets.onnx
 
-The ONNX model takes "image", a float32 batch (N, 3, H, W): RGB scaled to [0, 1], then normalised
-with the checkpoint's mean and std. N, H and W are free, with H and W multiples of 32. It returns
-"logits" (N, 1, H, W): pet where logit > 0. It is the model in eval mode, so a deep-supervision
-checkpoint's training-only heads are left out. The image size, mean and std a photo needs are
-also stored in the file's metadata. Before anything is written, onnxruntime runs the exported
-model beside PyTorch on the same random inputs at two sizes, and the export stops if they differ.
-Needs the packages of requirements-export.txt.
+The model in eval mode, its inputs' size, mean and std in the file's metadata; nothing is written unless
+onnxruntime agrees with PyTorch. It prints how to feed the model; see docs/predicting.md.
 """
 
 from __future__ import annotations
