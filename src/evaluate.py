@@ -220,11 +220,8 @@ def pooled_result(
         for pixels, size in zip(image_counts, original_sizes, strict=True)
     ])
     image_size = next(size for size in distributed.concat_across([image_size]) if size is not None)
-    loss_sum, *pooled = distributed.sum_across([floats[-1], *ints[:4]])
-    pooled = PooledPixels(*map(round, pooled))
-    pooled_original = PooledPixels(*map(round, distributed.sum_across(
-        [sum(ints[4 + k::4]) for k in range(4)]
-    )))
+    loss_sum, *sums = distributed.sum_across([floats[-1], *ints[:4], *(sum(ints[4 + k::4]) for k in range(4))])
+    pooled, pooled_original = PooledPixels(*map(round, sums[:4])), PooledPixels(*map(round, sums[4:]))
     return EvalResult(
         loss=loss_sum / len(per_image) if has_loss else float("nan"),
         dice=statistics.fmean(per_image),

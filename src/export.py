@@ -136,21 +136,15 @@ def metadata(checkpoint: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def check_shapes(size: int) -> list[tuple[int, int, int, int]]:
-    """The photo size itself, and a batch of two at another, non-square size."""
-    return [(1, 3, size, size), (2, 3, size + SIZE_MULTIPLE, max(SIZE_MULTIPLE, size - SIZE_MULTIPLE))]
-
-
-def compare_with_pytorch(
-    onnx_bytes: bytes, model: nn.Module, shapes: list[tuple[int, int, int, int]]
-) -> list[Agreement]:
-    """How close ONNX and PyTorch come on a random input of each shape; an error when they disagree."""
+def compare_with_pytorch(onnx_bytes: bytes, model: nn.Module, size: int) -> list[Agreement]:
+    """How close ONNX and PyTorch come on random inputs, of the photo size itself and a batch of two at another,
+    non-square size; an error when they disagree."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
     differences = []
-    for shape in shapes:
+    for shape in [(1, 3, size, size), (2, 3, size + SIZE_MULTIPLE, max(SIZE_MULTIPLE, size - SIZE_MULTIPLE))]:
         images = torch.randn(shape, generator=generator)
         with torch.no_grad():
             expected = model(images).numpy()
@@ -214,12 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = load_checkpoint(checkpoint_path)
     output = args.output or checkpoint_path.with_suffix(".onnx")
     refuse_existing(output, args.overwrite)  # before the export's seconds, and again before writing
-    model = model_from_checkpoint(checkpoint)
-    proto = export_model(model, input_size(checkpoint), args.opset)
+    model, size = model_from_checkpoint(checkpoint), input_size(checkpoint)
+    proto = export_model(model, size, args.opset)
     onnx.helper.set_model_props(proto, metadata(checkpoint))
     onnx.checker.check_model(proto)
     onnx_bytes = proto.SerializeToString()
-    differences = compare_with_pytorch(onnx_bytes, model, check_shapes(input_size(checkpoint)))
+    differences = compare_with_pytorch(onnx_bytes, model, size)
     refuse_existing(output, args.overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(output) as file:

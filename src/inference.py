@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -28,6 +27,7 @@ from cli import argument_parser, non_negative
 from errors import PetsegError, display_path, run_script
 from evaluate import (
     EvalResult,
+    Predictor,
     add_eval_args,
     load_for_eval,
     mask_at_size,
@@ -74,16 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.overwrite and args.input is None:
         parser.error("--overwrite applies to --input/--output only; test-split files are never overwritten")
     return args
-
-
-@torch.no_grad()
-def predict_masks(
-    model: nn.Module, images: list[torch.Tensor], transform: v2.Transform, device: torch.device, amp: bool, tta: bool
-) -> list[torch.Tensor]:
-    """Bool masks (H, W), each at its photo's own size, of uint8 photos (3, H, W) of any sizes."""
-    batch = torch.stack([model_input(image, transform) for image in images])
-    logits = predict_logits(model, batch.to(device), amp, tta)
-    return [mask_at_size(logit, image.shape[-2:]).cpu() for logit, image in zip(logits, images, strict=True)]
 
 
 def model_input(photo: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
@@ -247,30 +237,30 @@ def pick_cases(dices: list[float], random_count: int, worst_count: int, seed: in
     return sorted(rest[i] for i in order.tolist()), worst
 
 
+@torch.no_grad()
 def figure_cases(
-    model: nn.Module, dataset: OxfordPetSegmentation, indexes: list[int], result: EvalResult, device: torch.device,
-    amp: bool, tta: bool,
+    predictor: Predictor, dataset: OxfordPetSegmentation, indexes: list[int], result: EvalResult, tta: bool
 ) -> list[Case]:
     """The chosen test images at their own size, with their masks and a caption giving both Dice scores."""
     if not indexes:
         return []
     pairs = [dataset.load_pair(i) for i in indexes]
-    predictions = predict_masks(model, [photo for photo, _ in pairs], dataset.transform, device, amp, tta)
+    inputs = torch.stack([model_input(photo, dataset.transform) for photo, _ in pairs]).to(predictor.device)
+    logits = predict_logits(predictor.model, inputs, predictor.amp, tta)
     return [
         Case(
             photo.as_subclass(torch.Tensor),
             truth[0].bool(),
-            prediction,
+            mask_at_size(logit, photo.shape[-2:]).cpu(),
             f"{dataset.names[i]}\nDice {result.per_image_dice[i]:.3f} at {result.size_label}, "
             f"{result.per_image_original[i].dice:.3f} full size",
         )
-        for i, (photo, truth), prediction in zip(indexes, pairs, predictions, strict=True)
+        for i, (photo, truth), logit in zip(indexes, pairs, logits, strict=True)
     ]
 
 
 def score_test_split(args: argparse.Namespace) -> None:
     predictor = load_for_eval(args)
-    model, device, amp = predictor.model, predictor.device, predictor.amp
     dataset, result = score_split(args, predictor, "test")
 
     # Beside the (first) checkpoint; an ensemble's files are named apart from its first model's own.
@@ -289,9 +279,9 @@ def score_test_split(args: argparse.Namespace) -> None:
     plot_cases(
         [
             (f"{len(random_picks)} random test images (seed {args.seed})",
-             figure_cases(model, dataset, random_picks, result, device, amp, args.tta)),
+             figure_cases(predictor, dataset, random_picks, result, args.tta)),
             (f"the {len(worst)} worst test images (lowest Dice at full size)",
-             figure_cases(model, dataset, worst, result, device, amp, args.tta)),
+             figure_cases(predictor, dataset, worst, result, args.tta)),
         ],
         figure,
         title=f"{'ensemble' if len(predictor.paths) > 1 else predictor.first['network']}: "
