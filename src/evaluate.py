@@ -100,37 +100,25 @@ class EvalResult:
 
 def predict_logits(model: nn.Module, images: torch.Tensor, amp: bool = False, tta: bool = False) -> torch.Tensor:
     """Float32 pet logits (N, 1, H, W) of a batch of normalised images; threshold with logits_to_mask.
-
-    With tta the model also sees each image mirrored left-right; the two probability maps (the
-    second mirrored back) are averaged and the logit of that mean is returned, so resizing and
-    thresholding treat both cases alike. Without it the model's logits are returned unchanged.
-    """
+    With tta, the logit of the mean probability of each image and its mirror image (mirrored back), so resizing
+    and thresholding treat both cases alike."""
     with autocast(images.device, amp):
-        logits = model(images).float()
-    if not tta:
-        return logits
-    with autocast(images.device, amp):
-        mirrored = model(images.flip(-1)).float().flip(-1)
-    return mean_probability_logit([logits, mirrored])
+        logits = [model(images).float()] + ([model(images.flip(-1)).float().flip(-1)] if tta else [])
+    return logits[0] if len(logits) == 1 else mean_probability_logit(logits)
 
 
 def mean_probability_logit(logits: list[torch.Tensor]) -> torch.Tensor:
-    """The logit of the mean of the sigmoid probabilities of several logit maps of one shape.
-
+    """The logit of the mean of the sigmoid probabilities of several logit maps of one shape:
     logit(mean σ(aᵢ)) = log Σ σ(aᵢ) - log Σ σ(-aᵢ), in log space so that confident logits neither round
-    to a probability of exactly 1 nor turn into infinities.
-    """
+    to a probability of exactly 1 nor turn into infinities."""
     stacked = torch.stack(logits)
     return torch.logsumexp(F.logsigmoid(stacked), dim=0) - torch.logsumexp(F.logsigmoid(-stacked), dim=0)
 
 
 class Ensemble(nn.Module):
-    """Several checkpoints voting: the mean of their probabilities, as one model's logits.
-
-    It takes the images as the first checkpoint's run prepared them (its image size and
-    normalisation). A model whose checkpoint was trained at another size or normalisation gets them
-    converted to its own, and its logits are resized back, so every model sees its usual input.
-    """
+    """Several checkpoints voting: the mean of their probabilities, as one model's logits. It takes images as the
+    first checkpoint's run prepared them; a model trained at another size or normalisation gets them converted to
+    its own, and its logits are resized back."""
 
     def __init__(self, checkpoints: list[dict]) -> None:
         super().__init__()
