@@ -98,6 +98,7 @@ class EvalResult:
         return {k: v for k, v in asdict(self).items() if not k.startswith("per_image") and v is not None}
 
 
+@torch.no_grad()  # here, not in each caller: the --input loop had none and kept every batch's autograd graph
 def predict_logits(model: nn.Module, images: torch.Tensor, amp: bool = False, tta: bool = False) -> torch.Tensor:
     """Float32 pet logits (N, 1, H, W) of a batch of normalised images; threshold with logits_to_mask.
     With tta, the logit of the mean probability of each image and its mirror image (mirrored back), so resizing

@@ -237,7 +237,6 @@ def pick_cases(dices: list[float], random_count: int, worst_count: int, seed: in
     return sorted(rest[i] for i in order.tolist()), worst
 
 
-@torch.no_grad()
 def figure_cases(
     predictor: Predictor, dataset: OxfordPetSegmentation, indexes: list[int], result: EvalResult, tta: bool
 ) -> list[Case]:
