@@ -111,15 +111,12 @@ def find_images(input_path: Path, output_dir: Path) -> list[Path]:
     images, skipped = [], []
     # One pass, each file's header read once: a folder of tens of thousands takes a while on a network drive.
     for path in tqdm(files, desc="finding images", unit="file", leave=False, dynamic_ncols=True):
-        if is_image(path):
-            images.append(path)
-        else:
-            skipped.append(path.name)
+        (images if is_image(path) else skipped).append(path)
     if skipped:
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         print(
             f"warning: skipping {len(skipped)} file(s) in {input_path} that are not images: "
-            f"{', '.join(skipped[:10])}{more}",
+            f"{', '.join(path.name for path in skipped[:10])}{more}",
             file=sys.stderr,
         )
     if not images:
