@@ -72,16 +72,12 @@ def load_checkpoint(path: Path, name_in_folder: str = BEST_NAME) -> dict[str, An
         )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights_only" not in str(error).replace(" ", "_").lower():
-            raise CheckpointError(
-                f"{path} is not a readable checkpoint (truncated, or not a torch file): {error}"
-            ) from error
-        raise CheckpointError(
-            f"{path} is refused: it holds objects other than tensors and plain types, and loading those could "
-            "run code. Only load checkpoints written by petseg's train.py, from people you trust."
-        ) from error
     except Exception as error:  # noqa: BLE001 - torch raises RuntimeError, KeyError, EOFError... for damaged files
+        if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error).replace(" ", "_").lower():
+            raise CheckpointError(
+                f"{path} is refused: it holds objects other than tensors and plain types, and loading those could "
+                "run code. Only load checkpoints written by petseg's train.py, from people you trust."
+            ) from error
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, or not a torch file): "

@@ -2,11 +2,7 @@
 
     python src/compare.py saved_models/unet_RUN saved_models/resnet34_unet_RUN [--output FIG.png]
 
-The figure has train and valid Dice and loss per epoch of every run on shared axes; the table
-has each run's test Dice (at the model's input size, the lab's definition, and at each image's
-own size), parameters, forward GFLOPs per image, epochs, time per epoch, best epoch and dataset.
-Runs trained on different datasets are refused (their test Dice are not comparable), unless
---allow-mixed-datasets puts them in one table, flagged.
+Runs trained on different datasets are refused (their test Dice are not comparable) unless --allow-mixed-datasets.
 """
 
 from __future__ import annotations

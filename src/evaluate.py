@@ -88,44 +88,38 @@ class EvalResult:
     dataset_iou_original: float | None = None
     per_image_original: list[OriginalSizeScore] | None = field(default=None, repr=False)
 
+    @property
+    def size_label(self) -> str:
+        """The model's input size as printed: H×W."""
+        return "×".join(map(str, self.image_size))
+
     def summary(self) -> dict[str, object]:
         """The scores without the per-image lists, for results.json."""
         return {k: v for k, v in asdict(self).items() if not k.startswith("per_image") and v is not None}
 
 
+@torch.no_grad()  # here, not in each caller: the --input loop had none and kept every batch's autograd graph
 def predict_logits(model: nn.Module, images: torch.Tensor, amp: bool = False, tta: bool = False) -> torch.Tensor:
     """Float32 pet logits (N, 1, H, W) of a batch of normalised images; threshold with logits_to_mask.
-
-    With tta the model also sees each image mirrored left-right; the two probability maps (the
-    second mirrored back) are averaged and the logit of that mean is returned, so resizing and
-    thresholding treat both cases alike. Without it the model's logits are returned unchanged.
-    """
+    With tta, the logit of the mean probability of each image and its mirror image (mirrored back), so resizing
+    and thresholding treat both cases alike."""
     with autocast(images.device, amp):
-        logits = model(images).float()
-    if not tta:
-        return logits
-    with autocast(images.device, amp):
-        mirrored = model(images.flip(-1)).float().flip(-1)
-    return mean_probability_logit([logits, mirrored])
+        logits = [model(images).float()] + ([model(images.flip(-1)).float().flip(-1)] if tta else [])
+    return logits[0] if len(logits) == 1 else mean_probability_logit(logits)
 
 
 def mean_probability_logit(logits: list[torch.Tensor]) -> torch.Tensor:
-    """The logit of the mean of the sigmoid probabilities of several logit maps of one shape.
-
+    """The logit of the mean of the sigmoid probabilities of several logit maps of one shape:
     logit(mean σ(aᵢ)) = log Σ σ(aᵢ) - log Σ σ(-aᵢ), in log space so that confident logits neither round
-    to a probability of exactly 1 nor turn into infinities.
-    """
+    to a probability of exactly 1 nor turn into infinities."""
     stacked = torch.stack(logits)
     return torch.logsumexp(F.logsigmoid(stacked), dim=0) - torch.logsumexp(F.logsigmoid(-stacked), dim=0)
 
 
 class Ensemble(nn.Module):
-    """Several checkpoints voting: the mean of their probabilities, as one model's logits.
-
-    It takes the images as the first checkpoint's run prepared them (its image size and
-    normalisation). A model whose checkpoint was trained at another size or normalisation gets them
-    converted to its own, and its logits are resized back, so every model sees its usual input.
-    """
+    """Several checkpoints voting: the mean of their probabilities, as one model's logits. It takes images as the
+    first checkpoint's run prepared them; a model trained at another size or normalisation gets them converted to
+    its own, and its logits are resized back."""
 
     def __init__(self, checkpoints: list[dict]) -> None:
         super().__init__()
@@ -152,17 +146,9 @@ def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def counts_at_original_size(logits: torch.Tensor, original_mask: torch.Tensor) -> torch.Tensor:
-    """pixel_counts of one image's logits (1, h, w) resized to its mask (1, H, W), at the mask's own size."""
-    pred = logits_to_mask(resize_logits(logits[None], original_mask.shape[-2:]))[0]
-    return pixel_counts(pred, original_mask.bool())
-
-
-def original_size_score(counts: list[int], height: int, width: int) -> OriginalSizeScore:
-    """One image's score at its own size from its pixel_counts: Dice as utils.per_image_dice defines it."""
-    intersection, _, predicted, truth = counts
-    dice = 2 * intersection / (predicted + truth) if predicted + truth else 1.0
-    return OriginalSizeScore(height, width, pet_pixels=truth, predicted_pixels=predicted, dice=dice)
+def mask_at_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The bool mask (H, W) of one image's logits (1, h, w) resized to its own size (H, W)."""
+    return logits_to_mask(resize_logits(logits[None], tuple(size)))[0, 0]
 
 
 @contextlib.contextmanager
@@ -180,13 +166,8 @@ def out_of_memory_advice(batch_size: int) -> Iterator[None]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    amp: bool = False,
-    loss_fn: nn.Module | None = None,
-    desc: str = "eval",
-    tta: bool = False,
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False, loss_fn: nn.Module | None = None,
+    desc: str = "eval", tta: bool = False,
 ) -> EvalResult:
     """Run the model over a loader of (image, mask) batches, or of (image, mask, original masks)
     ones (eval_loader(original_masks=True)) to also score each image at its own size.
@@ -207,8 +188,9 @@ def evaluate(
         dices.append(per_image_dice(pred, gt))
         counts += pixel_counts(pred, gt)
         for logit, original in zip(logits, batch[2] if len(batch) == 3 else [], strict=False):
-            original_counts.append(counts_at_original_size(logit, original.to(device)))
-            original_sizes.append(tuple(original.shape[-2:]))
+            truth = original[0].to(device).bool()
+            original_counts.append(pixel_counts(mask_at_size(logit, truth.shape), truth))
+            original_sizes.append(tuple(truth.shape))
     floats, ints = read_once(torch.cat([*dices, loss_sum[None]]), torch.cat([counts, *original_counts]))
     return pooled_result(floats, ints, original_sizes, image_size, loss_fn is not None, tta)
 
@@ -221,15 +203,14 @@ def pooled_result(
     pixel counts then each image's at its own size). Under torchrun each process scored its own share of the
     images: they are pooled, each image once. A process may hold no image; it still joins every gathering."""
     per_image = distributed.concat_across(floats[:-1])
+    image_counts = [PooledPixels(*ints[4 + 4 * i: 8 + 4 * i]) for i in range(len(original_sizes))]
     originals = distributed.concat_across([
-        original_size_score(ints[4 + 4 * i: 8 + 4 * i], *size) for i, size in enumerate(original_sizes)
+        OriginalSizeScore(*size, pet_pixels=pixels.truth, predicted_pixels=pixels.predicted, dice=pixels.dice)
+        for pixels, size in zip(image_counts, original_sizes, strict=True)
     ])
     image_size = next(size for size in distributed.concat_across([image_size]) if size is not None)
-    loss_sum, *pooled = distributed.sum_across([floats[-1], *ints[:4]])
-    pooled = PooledPixels(*map(round, pooled))
-    pooled_original = PooledPixels(*map(round, distributed.sum_across(
-        [sum(ints[4 + k::4]) for k in range(4)]
-    )))
+    loss_sum, *sums = distributed.sum_across([floats[-1], *ints[:4], *(sum(ints[4 + k::4]) for k in range(4))])
+    pooled, pooled_original = PooledPixels(*map(round, sums[:4])), PooledPixels(*map(round, sums[4:]))
     return EvalResult(
         loss=loss_sum / len(per_image) if has_loss else float("nan"),
         dice=statistics.fmean(per_image),
@@ -269,16 +250,8 @@ def default_num_workers() -> int:
 
 
 def eval_loader(
-    data_path: Path,
-    split: str,
-    image_size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    skip_bad: bool = False,
-    original_masks: bool = False,
+    data_path: Path, split: str, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int,
+    num_workers: int, device: torch.device, skip_bad: bool = False, original_masks: bool = False,
     shard: Callable[[int], range] | None = None,
 ) -> DataLoader:
     """A split resized and normalised for evaluation, in file order; with original_masks, batches
@@ -298,26 +271,10 @@ def eval_loader(
     )
 
 
-def checkpoint_loader(
-    data_path: Path,
-    split: str,
-    checkpoint: dict,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    original_masks: bool = False,
-) -> DataLoader:
-    """A split prepared exactly as the checkpoint's run evaluated it (same size and normalisation)."""
-    return eval_loader(
-        data_path, split, checkpoint["image_size"], checkpoint["mean"], checkpoint["std"], batch_size, num_workers,
-        device, original_masks=original_masks,
-    )
-
-
 def format_result(split: str, result: EvalResult) -> str:
     """The lines train.py and inference.py both print, so their numbers can be compared by eye."""
     name = split.capitalize()
-    size = "×".join(map(str, result.image_size))
+    size = result.size_label
     tta = ", horizontal-flip TTA" if result.tta else ""
     lines = [
         f"{name} Dice: {result.dice:.4f}  "
@@ -415,23 +372,31 @@ def load_for_eval(args: argparse.Namespace) -> Predictor:
     return Predictor(model.to(device), checkpoints, paths, device, amp)
 
 
+def score_split(args: argparse.Namespace, predictor: Predictor, split: str) -> tuple[OxfordPetSegmentation, EvalResult]:
+    """The split prepared as the first checkpoint's run prepared it, scored at both sizes and printed (as train.py
+    prints its scores); the dataset, with its names, and the result."""
+    # Only train.py downloads: a mistyped --data_path here is an error, not an 800 MB download into the typo.
+    data_path = prepare_dataset(args.data_path, download=False)
+    first = predictor.first
+    loader = eval_loader(
+        data_path, split, first["image_size"], first["mean"], first["std"], args.batch_size, args.num_workers,
+        predictor.device, original_masks=True,
+    )
+    result = evaluate(predictor.model, loader, predictor.device, amp=predictor.amp, desc=split, tta=args.tta)
+    print(predictor.describe())
+    print(f"{split} set: {len(loader.dataset)} images")
+    print(format_result(split, result))
+    return loader.dataset, result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argument_parser("Evaluate a petseg checkpoint, or several voting, on one split of Oxford-IIIT Pet.")
     add_eval_args(parser)
     parser.add_argument("--split", default="test", choices=SPLITS, help="which split to score")
     args = parser.parse_args(argv)
     predictor = load_for_eval(args)
-    # Only train.py downloads: a mistyped --data_path here is an error, not an 800 MB download into the typo.
-    data_path = prepare_dataset(args.data_path, download=False)
-    loader = checkpoint_loader(
-        data_path, args.split, predictor.first, args.batch_size, args.num_workers, predictor.device,
-        original_masks=True,
-    )
     with out_of_memory_advice(args.batch_size):
-        result = evaluate(predictor.model, loader, predictor.device, amp=predictor.amp, desc=args.split, tta=args.tta)
-    print(predictor.describe())
-    print(f"{args.split} split: {len(loader.dataset)} images")
-    print(format_result(args.split, result))
+        score_split(args, predictor, args.split)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,8 @@
     python src/export.py -m saved_models/RUN                        # writes saved_models/RUN/best.onnx
     python src/export.py -m saved_models/RUN/last.pt --output pets.onnx
 
-The ONNX model takes "image", a float32 batch (N, 3, H, W): RGB scaled to [0, 1], then normalised
-with the checkpoint's mean and std. N, H and W are free, with H and W multiples of 32. It returns
-"logits" (N, 1, H, W): pet where logit > 0. It is the model in eval mode, so a deep-supervision
-checkpoint's training-only heads are left out. The image size, mean and std a photo needs are
-also stored in the file's metadata. Before anything is written, onnxruntime runs the exported
-model beside PyTorch on the same random inputs at two sizes, and the export stops if they differ.
-Needs the packages of requirements-export.txt.
+The model in eval mode, its inputs' size, mean and std in the file's metadata; nothing is written unless
+onnxruntime agrees with PyTorch. It prints how to feed the model; see docs/predicting.md.
 """
 
 from __future__ import annotations
@@ -141,21 +136,15 @@ def metadata(checkpoint: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def check_shapes(size: int) -> list[tuple[int, int, int, int]]:
-    """The photo size itself, and a batch of two at another, non-square size."""
-    return [(1, 3, size, size), (2, 3, size + SIZE_MULTIPLE, max(SIZE_MULTIPLE, size - SIZE_MULTIPLE))]
-
-
-def compare_with_pytorch(
-    onnx_bytes: bytes, model: nn.Module, shapes: list[tuple[int, int, int, int]]
-) -> list[Agreement]:
-    """How close ONNX and PyTorch come on a random input of each shape; an error when they disagree."""
+def compare_with_pytorch(onnx_bytes: bytes, model: nn.Module, size: int) -> list[Agreement]:
+    """How close ONNX and PyTorch come on random inputs, of the photo size itself and a batch of two at another,
+    non-square size; an error when they disagree."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
     differences = []
-    for shape in shapes:
+    for shape in [(1, 3, size, size), (2, 3, size + SIZE_MULTIPLE, max(SIZE_MULTIPLE, size - SIZE_MULTIPLE))]:
         images = torch.randn(shape, generator=generator)
         with torch.no_grad():
             expected = model(images).numpy()
@@ -219,12 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = load_checkpoint(checkpoint_path)
     output = args.output or checkpoint_path.with_suffix(".onnx")
     refuse_existing(output, args.overwrite)  # before the export's seconds, and again before writing
-    model = model_from_checkpoint(checkpoint)
-    proto = export_model(model, input_size(checkpoint), args.opset)
+    model, size = model_from_checkpoint(checkpoint), input_size(checkpoint)
+    proto = export_model(model, size, args.opset)
     onnx.helper.set_model_props(proto, metadata(checkpoint))
     onnx.checker.check_model(proto)
     onnx_bytes = proto.SerializeToString()
-    differences = compare_with_pytorch(onnx_bytes, model, check_shapes(input_size(checkpoint)))
+    differences = compare_with_pytorch(onnx_bytes, model, size)
     refuse_existing(output, args.overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(output) as file:

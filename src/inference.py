@@ -2,28 +2,22 @@
 
     python src/inference.py -m saved_models/RUN --input photos/ --output masks/   # your images
     python src/inference.py -m saved_models/RUN                                   # the test split
-    (a run folder means its best.pt; add --tta for horizontal-flip test-time augmentation)
 
-With --input (a file, or a folder of images) each photo, whatever its size and mode, is turned
-upright as its EXIF orientation says (as photo viewers do), predicted at the checkpoint's image
-size, and the logits are resized back to the photo's own size before thresholding:
-NAME_mask.png (0 or 255, the upright photo's size) and NAME_overlay.png go to --output.
-Without --input it prints the `Test Dice:` lines train.py printed for that checkpoint, plus the
-Dice at each image's own size, and writes beside the checkpoint test_dice.csv (one row per test
-image) and test_predictions.png (random and worst test images, errors coloured).
+Photos are turned upright as their EXIF says and masked at their own size (NAME_mask.png, NAME_overlay.png);
+the test split is scored as train.py scores it, with test_dice.csv and test_predictions.png beside the checkpoint.
+See docs/predicting.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import io
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -33,19 +27,17 @@ from cli import argument_parser, non_negative
 from errors import PetsegError, display_path, run_script
 from evaluate import (
     EvalResult,
+    Predictor,
     add_eval_args,
-    checkpoint_loader,
-    evaluate,
-    format_result,
     load_for_eval,
+    mask_at_size,
     out_of_memory_advice,
     predict_logits,
-    resize_logits,
+    score_split,
 )
 from files import atomic_write, unused_path
-from oxford_pet import OxfordPetSegmentation, build_transform, open_image, prepare_dataset, read_image
+from oxford_pet import OxfordPetSegmentation, build_transform, open_image, read_image
 from plots import Case, plot_cases, prediction_overlay
-from utils import logits_to_mask
 
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.png"
 
@@ -84,24 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@torch.no_grad()
-def predict_masks(
-    model: nn.Module, images: list[torch.Tensor], transform: v2.Transform, device: torch.device, amp: bool, tta: bool
-) -> list[torch.Tensor]:
-    """Bool masks (H, W), each at its photo's own size, of uint8 photos (3, H, W) of any sizes."""
-    batch = torch.stack([model_input(image, transform) for image in images])
-    logits = predict_logits(model, batch.to(device), amp, tta)
-    return [mask_at_size(logit, image.shape[-2:]) for logit, image in zip(logits, images, strict=True)]
-
-
 def model_input(photo: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
     """A uint8 photo (3, H, W) as the model takes it: resized to its input size and normalised."""
     return transform(tv_tensors.Image(photo)).as_subclass(torch.Tensor)
-
-
-def mask_at_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The bool mask (H, W), on the CPU, of one image's logits (1, h, w) resized to its own size (H, W)."""
-    return logits_to_mask(resize_logits(logits[None], tuple(size)))[0, 0].cpu()
 
 
 # ----------------------------------------------------------------------------- your own images
@@ -134,15 +111,12 @@ def find_images(input_path: Path, output_dir: Path) -> list[Path]:
     images, skipped = [], []
     # One pass, each file's header read once: a folder of tens of thousands takes a while on a network drive.
     for path in tqdm(files, desc="finding images", unit="file", leave=False, dynamic_ncols=True):
-        if is_image(path):
-            images.append(path)
-        else:
-            skipped.append(path.name)
+        (images if is_image(path) else skipped).append(path)
     if skipped:
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         print(
             f"warning: skipping {len(skipped)} file(s) in {input_path} that are not images: "
-            f"{', '.join(skipped[:10])}{more}",
+            f"{', '.join(path.name for path in skipped[:10])}{more}",
             file=sys.stderr,
         )
     if not images:
@@ -178,24 +152,20 @@ def check_outputs_are_free(paths: list[tuple[Path, Path]], output_dir: Path, ove
         )
 
 
+@dataclass
 class PhotoInputs(Dataset):
     """Each photo decoded, turned upright and made model input in a DataLoader worker, which hands over only
     that (3, S, S) tensor and the photo's size (H, W): a batch in waiting holds no photo, however big."""
 
-    def __init__(self, paths: list[Path], transform: v2.Transform) -> None:
-        self.paths, self.transform = paths, transform
+    paths: list[Path]
+    transform: v2.Transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        photo = read_photo(self.paths[index])
+        photo = read_image(self.paths[index], exif_orientation=True)
         return model_input(photo, self.transform), torch.tensor(photo.shape[-2:])
-
-
-def read_photo(path: Path) -> torch.Tensor:
-    """A user's photo, upright as its EXIF orientation says; a corrupt one raises DatasetError naming it."""
-    return read_image(path, exif_orientation=True)
 
 
 def write_png(image: torch.Tensor, path: Path) -> None:
@@ -230,9 +200,9 @@ def predict_files(args: argparse.Namespace) -> None:
             for logit, photo_size, (image, (mask_path, overlay_path)) in zip(
                 logits, sizes.tolist(), pending, strict=False  # pending holds the photos of later batches too
             ):
-                mask = mask_at_size(logit, photo_size)
+                mask = mask_at_size(logit, photo_size).cpu()
                 write_png(mask[None].to(torch.uint8) * 255, mask_path)
-                write_png(prediction_overlay(read_photo(image), mask), overlay_path)
+                write_png(prediction_overlay(read_image(image, exif_orientation=True), mask), overlay_path)
                 progress.update()
     print(
         f"Wrote {len(images)} mask(s) (*{MASK_SUFFIX}, 0 or 255) and overlay(s) (*{OVERLAY_SUFFIX}) to "
@@ -245,18 +215,14 @@ def predict_files(args: argparse.Namespace) -> None:
 
 def write_per_image_csv(names: list[str], result: EvalResult, path: Path) -> None:
     """One row per image: its size, Dice at the model's input size and at its own size, pet pixels."""
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["name", "width", "height", "dice", "dice_original", "pet_pixels", "predicted_pixels"])
-    for name, dice, original in zip(names, result.per_image_dice, result.per_image_original, strict=True):
-        writer.writerow(
-            [
+    with atomic_write(path, "w") as file:
+        writer = csv.writer(file)
+        writer.writerow(["name", "width", "height", "dice", "dice_original", "pet_pixels", "predicted_pixels"])
+        for name, dice, original in zip(names, result.per_image_dice, result.per_image_original, strict=True):
+            writer.writerow([
                 name, original.width, original.height, f"{dice:.6f}", f"{original.dice:.6f}", original.pet_pixels,
                 original.predicted_pixels,
-            ]
-        )
-    with atomic_write(path, "w") as file:
-        file.write(text.getvalue())
+            ])
 
 
 def pick_cases(dices: list[float], random_count: int, worst_count: int, seed: int) -> tuple[list[int], list[int]]:
@@ -269,50 +235,34 @@ def pick_cases(dices: list[float], random_count: int, worst_count: int, seed: in
 
 
 def figure_cases(
-    model: nn.Module,
-    dataset: OxfordPetSegmentation,
-    indexes: list[int],
-    result: EvalResult,
-    device: torch.device,
-    amp: bool,
-    tta: bool,
+    predictor: Predictor, dataset: OxfordPetSegmentation, indexes: list[int], result: EvalResult, tta: bool
 ) -> list[Case]:
     """The chosen test images at their own size, with their masks and a caption giving both Dice scores."""
     if not indexes:
         return []
     pairs = [dataset.load_pair(i) for i in indexes]
-    predictions = predict_masks(model, [photo for photo, _ in pairs], dataset.transform, device, amp, tta)
-    size = "×".join(map(str, result.image_size))
+    inputs = torch.stack([model_input(photo, dataset.transform) for photo, _ in pairs]).to(predictor.device)
+    logits = predict_logits(predictor.model, inputs, predictor.amp, tta)
     return [
         Case(
             photo.as_subclass(torch.Tensor),
             truth[0].bool(),
-            prediction,
-            f"{dataset.names[i]}\nDice {result.per_image_dice[i]:.3f} at {size}, "
+            mask_at_size(logit, photo.shape[-2:]).cpu(),
+            f"{dataset.names[i]}\nDice {result.per_image_dice[i]:.3f} at {result.size_label}, "
             f"{result.per_image_original[i].dice:.3f} full size",
         )
-        for i, (photo, truth), prediction in zip(indexes, pairs, predictions, strict=True)
+        for i, (photo, truth), logit in zip(indexes, pairs, logits, strict=True)
     ]
 
 
 def score_test_split(args: argparse.Namespace) -> None:
     predictor = load_for_eval(args)
-    model, device, amp = predictor.model, predictor.device, predictor.amp
-    # Only train.py downloads: a mistyped --data_path here is an error, not an 800 MB download into the typo.
-    data_path = prepare_dataset(args.data_path, download=False)
-    loader = checkpoint_loader(
-        data_path, "test", predictor.first, args.batch_size, args.num_workers, device, original_masks=True
-    )
-    result = evaluate(model, loader, device, amp=amp, desc="test", tta=args.tta)
-    print(predictor.describe())
-    print(f"test set: {len(loader.dataset)} images")
-    print(format_result("test", result))
+    dataset, result = score_split(args, predictor, "test")
 
     # Beside the (first) checkpoint; an ensemble's files are named apart from its first model's own.
     run_dir = predictor.paths[0].parent
     tag = ("_ensemble" if len(predictor.paths) > 1 else "") + ("_tta" if args.tta else "")
     table = unused_path(run_dir / f"test_dice{tag}.csv")
-    dataset = loader.dataset
     write_per_image_csv(dataset.names, result, table)
 
     # The figure shows images at full size, so "worst" is judged there too.
@@ -322,17 +272,16 @@ def score_test_split(args: argparse.Namespace) -> None:
         print(f"Wrote {display_path(table)} (Dice of each test image)")
         return
     figure = unused_path(args.figure or run_dir / f"test_predictions{tag}.png")
-    size = "×".join(map(str, result.image_size))
     plot_cases(
         [
             (f"{len(random_picks)} random test images (seed {args.seed})",
-             figure_cases(model, dataset, random_picks, result, device, amp, args.tta)),
+             figure_cases(predictor, dataset, random_picks, result, args.tta)),
             (f"the {len(worst)} worst test images (lowest Dice at full size)",
-             figure_cases(model, dataset, worst, result, device, amp, args.tta)),
+             figure_cases(predictor, dataset, worst, result, args.tta)),
         ],
         figure,
         title=f"{'ensemble' if len(predictor.paths) > 1 else predictor.first['network']}: "
-        f"test Dice {result.dice:.4f} at {size}, {result.dice_original:.4f} at full size"
+        f"test Dice {result.dice:.4f} at {result.size_label}, {result.dice_original:.4f} at full size"
         f"{', horizontal-flip TTA' if args.tta else ''}",
     )
     print(f"Wrote {display_path(table)} (Dice of each test image) and {display_path(figure)}")

@@ -108,11 +108,6 @@ def _erode(mask: torch.Tensor, width: int) -> torch.Tensor:
 STRIP_PIXELS = 2**20
 
 
-def _strips(height: int, width: int) -> list[slice]:
-    step = max(1, STRIP_PIXELS // max(1, width))
-    return [slice(start, start + step) for start in range(0, height, step)]
-
-
 @functools.cache
 def _overlay_table() -> torch.Tensor:
     """uint8 (3, 4 x 256): each channel's drawn value for a photo's value (0-255) in each place: outside the
@@ -137,7 +132,8 @@ def prediction_overlay(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     inner, innermost = _erode(mask, width), _erode(mask, 2 * width)
     table = _overlay_table()
     overlay = torch.empty((*mask.shape, 3), dtype=torch.uint8).permute(2, 0, 1)
-    for rows in _strips(*mask.shape):
+    step = max(1, STRIP_PIXELS // max(1, mask.shape[1]))  # rows per strip
+    for rows in (slice(start, start + step) for start in range(0, mask.shape[0], step)):
         # 0 outside, 1 inside, 2 the outer line (inside, not in `inner`), 3 the inner line (in `inner` only).
         place = mask[rows].long() + (mask[rows] & ~inner[rows]) + 2 * (inner[rows] & ~innermost[rows])
         index = image[:, rows].long() + 256 * place

@@ -11,7 +11,7 @@ from PIL import Image
 
 import checkpoint as ckpt
 from conftest import run_script
-from evaluate import Ensemble, checkpoint_loader, evaluate, predict_logits
+from evaluate import Ensemble, eval_loader, evaluate, predict_logits
 from models import build_model
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
 
@@ -44,7 +44,10 @@ def test_an_ensemble_of_a_model_with_itself_is_the_model(checkpoints: list[Path]
     checkpoint = ckpt.load_checkpoint(checkpoints[0])
     model = ckpt.model_from_checkpoint(checkpoint)
     twice = Ensemble([checkpoint, checkpoint]).eval()
-    loader = checkpoint_loader(synthetic_pets, "test", checkpoint, 8, 0, CPU, original_masks=True)
+    loader = eval_loader(
+        synthetic_pets, "test", checkpoint["image_size"], checkpoint["mean"], checkpoint["std"], 8, 0, CPU,
+        original_masks=True,
+    )
     alone, voted = evaluate(model, loader, CPU), evaluate(twice, loader, CPU)
     assert voted.per_image_dice == alone.per_image_dice
     assert [score.dice for score in voted.per_image_original] == [score.dice for score in alone.per_image_original]
