@@ -20,6 +20,7 @@ from augment import AUGMENTATIONS, DEFAULT_AUGMENTATION, Augmentation, crop_sour
 from cache import CachedSplit, cache_bytes, cache_fits_in_memory, load_or_build
 from devices import non_blocking, same_device
 from distributed import Processes
+from evaluate import ordered_loader
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, load_dataset, normalize
 
 UInt8Batch = tuple[torch.Tensor, torch.Tensor]
@@ -236,10 +237,8 @@ def make_loaders(
         valid_loader = EvalBatches(cached["valid"], batch_per_process, device, IMAGENET_MEAN, IMAGENET_STD, valid_share)
     else:
         train_source = datasets["train"]
-        valid_loader = DataLoader(  # its own generator: evaluating must not draw from the global RNG
-            Subset(datasets["valid"], valid_share), batch_per_process, num_workers=args.num_workers,
-            pin_memory=device.type == "cuda", generator=torch.Generator(),
-        )
+        valid_images = Subset(datasets["valid"], valid_share)
+        valid_loader = ordered_loader(valid_images, batch_per_process, args.num_workers, device)
     train_loader = TrainBatches(
         train_source, batch_per_process, device, args.image_size, IMAGENET_MEAN, IMAGENET_STD, args.seed,
         args.num_workers, processes.rank, processes.world_size, augmentation,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import checkpoint as ckpt
@@ -260,14 +260,20 @@ def eval_loader(
     transform = build_transform(False, image_size, tuple(mean), tuple(std))
     split_class = SplitWithOriginalMasks if original_masks else OxfordPetSegmentation
     dataset = split_class(data_path, split, transform, skip_bad=skip_bad)
+    return ordered_loader(
+        dataset if shard is None else Subset(dataset, shard(len(dataset))), batch_size, num_workers, device,
+        collate_with_original_masks if original_masks else None,
+    )
+
+
+def ordered_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, collate_fn: Callable | None = None
+) -> DataLoader:
+    """Every item of `dataset` once, in order, as evaluation reads a split (the cached path: batches.EvalBatches).
+    Its own generator: evaluating must not draw from the global RNG."""
     return DataLoader(
-        dataset if shard is None else Subset(dataset, shard(len(dataset))),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        collate_fn=collate_with_original_masks if original_masks else None,
-        generator=torch.Generator(),  # evaluating must not draw from the global RNG
+        dataset, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda", collate_fn=collate_fn,
+        generator=torch.Generator(),
     )
 
 
