@@ -1,11 +1,6 @@
-"""Data-parallel training over the processes torchrun starts: the process group, who does what, and
-reductions that count every image exactly once.
-
-    python src/train.py -n unet                                     # one process: all of this is a no-op
-    torchrun --standalone --nproc_per_node=4 src/train.py -n unet   # four processes, one GPU each
-
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them nothing here talks to anyone.
-"""
+"""Data-parallel training over the processes torchrun starts (`torchrun --standalone --nproc_per_node=4
+src/train.py`): the process group, who does what, and reductions that count every image exactly once. Without
+torchrun's RANK and WORLD_SIZE (a plain `python src/train.py`) all of this is a no-op."""
 
 from __future__ import annotations
 
@@ -132,23 +127,24 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def _reduced(tensor: torch.Tensor, minimum: bool = False) -> torch.Tensor:
+    """A copy of `tensor` summed (or its minimum taken) element-wise over all processes."""
+    result = tensor.clone()
+    dist.all_reduce(result, op=dist.ReduceOp.MIN if minimum else dist.ReduceOp.SUM)
+    return result
+
+
 def sum_across(values: Sequence[float]) -> list[float]:
     """Each value summed over all processes, in float64 so that pixel counts stay exact."""
     if not active():
         return list(values)
-    tensor = torch.tensor(list(values), dtype=torch.float64, device=_device())
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+    return _reduced(torch.tensor(list(values), dtype=torch.float64, device=_device())).tolist()
 
 
 def min_across(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise minimum over all processes of a tensor on this process's device; queued on the
     device like any other operation, so it does not make the host wait."""
-    if not active():
-        return tensor
-    smallest = tensor.clone()
-    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-    return smallest
+    return _reduced(tensor, minimum=True) if active() else tensor
 
 
 def world_size() -> int:
@@ -179,15 +175,11 @@ class _SumAcross(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.clone()
-        dist.all_reduce(total)
-        return total
+        return _reduced(tensor)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.clone()
-        dist.all_reduce(total)
-        return total
+        return _reduced(grad)
 
 
 class _GlobalBatchNorm2d(nn.BatchNorm2d):
