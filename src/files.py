@@ -14,14 +14,9 @@ from interrupts import sigint_deferred
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _read_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 # Read once, at import: setting it to read it is process-wide, and would race with threads writing files.
-_UMASK = _read_umask()
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
