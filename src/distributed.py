@@ -95,11 +95,10 @@ def stop(wait_for_others: bool = False) -> None:
     """Close the process group. After a run that ended well, wait_for_others first lets every process
     arrive here, so that none closes its connections while another still reads from them (which can
     abort that one in Gloo); after an error, processes must not wait for ones that will never come."""
-    if not dist.is_initialized():
-        return
-    if wait_for_others:
-        dist.barrier()
-    dist.destroy_process_group()
+    if active():
+        if wait_for_others:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def active() -> bool:
@@ -161,12 +160,8 @@ def concat_across(items: list[Any]) -> list[Any]:
 
 
 def broadcast(value: Any) -> Any:
-    """Rank 0's value, on every process."""
-    if not active():
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    """Rank 0's value, on every process (small values: every process sends its own)."""
+    return concat_across([value])[0]
 
 
 class _SumAcross(torch.autograd.Function):

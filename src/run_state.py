@@ -65,7 +65,8 @@ def make_trainer(
     """The model as it trains (resumed weights, memory layout, moving average, DDP, compile), the optimiser,
     the learning-rate schedule and the loss scaler."""
     if resume_from is not None:
-        model.load_state_dict(raw_weights(resume_from))
+        # With --ema, model_state holds the average: training continues from the raw weights, kept apart.
+        model.load_state_dict(resume_from["training"].get("raw_model", resume_from["model_state"]))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = MovingAverage(model, args.ema) if args.ema else None
@@ -93,11 +94,9 @@ def warn_if_compile_breaks_at_sync_bn(args: argparse.Namespace, device: torch.de
 def make_scheduler(
     optimizer: torch.optim.Optimizer, max_lr: float, epochs: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """One cycle: the learning rate warms up over the first 10% of the steps, then anneals.
-
-    A schedule too short to warm up gets a warning; under three steps (no warm-up fits) the rate
-    stays at max_lr, rather than OneCycleLR failing or leaving it near zero.
-    """
+    """One cycle: the learning rate warms up over the first 10% of the steps, then anneals. A schedule too short
+    to warm up gets a warning; under three steps (no warm-up fits) the rate stays at max_lr, rather than OneCycleLR
+    failing or leaving it near zero."""
     total = epochs * steps_per_epoch
     warmup = max(2, round(WARMUP_FRACTION * total))  # OneCycleLR divides by (warm-up steps - 1)
     if warmup < MIN_WARMUP_STEPS:
@@ -165,13 +164,8 @@ def training_state(trainer: Trainer, progress: Progress) -> dict:
     return state
 
 
-def raw_weights(resume_from: dict) -> dict:
-    """The weights training continues from: with --ema, model_state holds the average and the raw ones are apart."""
-    return resume_from["training"].get("raw_model", resume_from["model_state"])
-
-
 def restore(resume_from: dict, trainer: Trainer) -> Progress:
-    """Put last.pt's training state back into `trainer` (whose model already holds raw_weights)."""
+    """Put last.pt's training state back into `trainer` (whose model make_trainer already loaded)."""
     state = resume_from["training"]
     load_optimizer_state(trainer.optimizer, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
