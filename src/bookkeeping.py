@@ -7,6 +7,7 @@ finishes (interrupts.sigint_deferred)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import time
@@ -77,7 +78,7 @@ class HostCopy:
         return value  # plain values: numbers, strings, and lists of them rebuilt above
 
 
-class Bookkeeper:
+class Bookkeeper(contextlib.AbstractContextManager):
     """Rank 0's files of one run (other processes keep none, `writes` False): call after_epoch at the end of
     each epoch, and save_latest at the end of the run and before any stop; use it as a context manager, so
     that its writer is done before the run ends. A failed write names `resume_command`; curves.png is titled
@@ -95,9 +96,6 @@ class Bookkeeper:
         self._last_saved_at = clock()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petseg-checkpoints")
         self._pending: Future | None = None
-
-    def __enter__(self) -> Bookkeeper:
-        return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._writer.shutdown(wait=True)

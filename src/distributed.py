@@ -121,11 +121,6 @@ def first_on_each_machine(processes: Processes, work: Callable[[], T]) -> T:
     return result
 
 
-def _device() -> torch.device:
-    """Where collectives take their tensors: NCCL's on this process's GPU, Gloo's on the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def _reduced(tensor: torch.Tensor, minimum: bool = False) -> torch.Tensor:
     """A copy of `tensor` summed (or its minimum taken) element-wise over all processes."""
     result = tensor.clone()
@@ -137,7 +132,9 @@ def sum_across(values: Sequence[float]) -> list[float]:
     """Each value summed over all processes, in float64 so that pixel counts stay exact."""
     if not active():
         return list(values)
-    return _reduced(torch.tensor(list(values), dtype=torch.float64, device=_device())).tolist()
+    # NCCL takes its tensors on this process's GPU, Gloo on the CPU.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    return _reduced(torch.tensor(list(values), dtype=torch.float64, device=device)).tolist()
 
 
 def min_across(tensor: torch.Tensor) -> torch.Tensor:
