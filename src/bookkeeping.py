@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,12 +32,10 @@ clock = time.monotonic  # the clock the intervals are measured by (a test sets i
 
 
 def write_history(history: list[dict], path: Path) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
-    writer.writeheader()
-    writer.writerows(history)
     with atomic_write(path, "w") as file:
-        file.write(text.getvalue())
+        writer = csv.DictWriter(file, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
 
 
 class HostCopy:

@@ -96,9 +96,8 @@ def check_before_training(
     flag = f"the run folder of --resume, {run_folder}," if resuming else f"--save-dir {run_folder}"
     problem = folder_problem(run_folder)
     if problem is not None:
-        instead = "resume from a copy of the run folder on a disk you can write" if resuming else (
-            "pass a --save-dir you can write in (a folder, made if missing)"
-        )
+        instead = ("resume from a copy of the run folder on a disk you can write" if resuming
+                   else "pass a --save-dir you can write in (a folder, made if missing)")
         parser.error(f"{flag} {problem}. Fix that, or {instead}; nothing was written.")
     if not args.no_cache and not nearest_existing(args.cache_dir).is_dir():
         parser.error(
@@ -112,9 +111,8 @@ def check_before_training(
     needed_later = needed_now if resuming else sizes.replacing()
     parts = f"best.pt {size_text(sizes.best)}, last.pt with the optimiser's state {size_text(sizes.last)}"
     if free < needed_now:
-        instead = "copy the run folder to a disk with room and resume from there" if resuming else (
-            "pass a --save-dir on another disk"
-        )
+        instead = ("copy the run folder to a disk with room and resume from there" if resuming
+                   else "pass a --save-dir on another disk")
         parser.error(
             f"{flag} has {size_text(free)} free on its disk, but this run's checkpoints need {size_text(needed_now)} "
             f"({parts}). Free some space there, or {instead}; nothing was written."
