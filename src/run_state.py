@@ -83,7 +83,7 @@ def make_trainer(
 
 
 def warn_if_compile_breaks_at_sync_bn(args: argparse.Namespace, device: torch.device) -> None:
-    if device.type == "cuda" and args.sync_bn and distributed.active() and distributed.world_size() > 1:
+    if device.type == "cuda" and args.sync_bn and distributed.world_size() > 1:  # 1 outside torchrun
         print(
             "warning: torch.compile breaks its graph at every SyncBatchNorm layer (pytorch/pytorch#161302), so "
             "--compile may gain little here; compare with and without it, or pass --no-sync-bn.",
