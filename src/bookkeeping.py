@@ -1,23 +1,14 @@
-"""What a run keeps after each epoch, without holding training up.
-
-history.csv every epoch (cheap); best.pt whenever the valid Dice improves (the weights alone); last.pt
-(weights, optimiser, schedule, random states: everything --resume needs) after the first epoch, then
-at most once per --save-every seconds, at the end and at every stop we control (Ctrl-C, SIGTERM, a
-diverged loss); curves.png by the same clock and at the end. A SIGKILL or a power cut loses at most
-one interval of training.
-
-The checkpoints are written by a thread of their own from a copy of the state in host memory
-(HostCopy), taken at the end of each epoch with one asynchronous copy from the GPU; the loop goes on
-while the file is written. One write at a time, each atomic and fsync'd (files.atomic_write); a failed
-write is raised in the training thread at its next call, as one message saying which checkpoints are whole
-and how to resume (storage.write_failures_explained). Ctrl-C and the other interrupts wait while a write is
-handed over or the last one finished (interrupts.sigint_deferred).
-"""
+"""What a run keeps after each epoch, without holding training up: history.csv every epoch, best.pt when the valid
+Dice improves, last.pt and curves.png after epoch 1, then every --save-every seconds, at the end and at every stop
+(docs/training.md has the why). The checkpoints are written one at a time, each atomic and fsync'd, by a thread of
+their own from a host copy (HostCopy) taken at each epoch's end; a failed write is raised in the training thread at
+its next call (storage.write_failures_explained); interrupts wait while a write is handed over or the last one
+finishes (interrupts.sigint_deferred)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,12 +32,10 @@ clock = time.monotonic  # the clock the intervals are measured by (a test sets i
 
 
 def write_history(history: list[dict], path: Path) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
-    writer.writeheader()
-    writer.writerows(history)
     with atomic_write(path, "w") as file:
-        file.write(text.getvalue())
+        writer = csv.DictWriter(file, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
 
 
 class HostCopy:
@@ -86,7 +75,7 @@ class HostCopy:
         return value  # plain values: numbers, strings, and lists of them rebuilt above
 
 
-class Bookkeeper:
+class Bookkeeper(contextlib.AbstractContextManager):
     """Rank 0's files of one run (other processes keep none, `writes` False): call after_epoch at the end of
     each epoch, and save_latest at the end of the run and before any stop; use it as a context manager, so
     that its writer is done before the run ends. A failed write names `resume_command`; curves.png is titled
@@ -105,9 +94,6 @@ class Bookkeeper:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petseg-checkpoints")
         self._pending: Future | None = None
 
-    def __enter__(self) -> Bookkeeper:
-        return self
-
     def __exit__(self, *exc_info: object) -> None:
         self._writer.shutdown(wait=True)
 
@@ -115,34 +101,31 @@ class Bookkeeper:
         self, epoch: int, history: list[dict], improved: bool, contents: Callable[[], dict[str, Any]]
     ) -> None:
         """`contents()` gives what last.pt would hold now (best.pt holds the same without its "training")."""
+        if not self.writes:
+            return
         with sigint_deferred(), storage.write_failures_explained(self.run_dir, self.resume_command):
-            if self.writes:
-                self._after_epoch(epoch, history, improved, contents)
-
-    def _after_epoch(
-        self, epoch: int, history: list[dict], improved: bool, contents: Callable[[], dict[str, Any]]
-    ) -> None:
-        write_history(history, self.run_dir / "history.csv")
-        # One write at a time, and the host copy free again: training waits here only for a write that outlasted
-        # the epoch. Every epoch is copied, so that a stop writes the latest one.
-        self.wait()
-        self.host.take(contents(), epoch)
-        due = self._queued_last == 0 or clock() - self._last_saved_at >= self.save_every
-        if improved or due:
-            self._submit(best=improved, last=due)
-        if due:
-            self._draw(history)  # curves.png on last.pt's clock
+            write_history(history, self.run_dir / "history.csv")
+            # One write at a time, and the host copy free again: training waits here only for a write that
+            # outlasted the epoch. Every epoch is copied, so that a stop writes the latest one.
+            self.wait()
+            self.host.take(contents(), epoch)
+            due = self._queued_last == 0 or clock() - self._last_saved_at >= self.save_every
+            if improved or due:
+                self._submit(best=improved, last=due)
+            if due:
+                self._draw(history)  # curves.png on last.pt's clock
 
     def save_latest(self, history: list[dict]) -> int:
         """At the end and before any stop: last.pt from the latest host copy if it is newer than the file, every
         write waited for, the figure drawn; returns the epoch last.pt holds."""
+        if not self.writes:
+            return self.saved_epoch
         with sigint_deferred(), storage.write_failures_explained(self.run_dir, self.resume_command):
-            if self.writes:
+            self.wait()
+            if self.host.epoch > self.saved_epoch:
+                self._submit(best=False, last=True)
                 self.wait()
-                if self.host.epoch > self.saved_epoch:
-                    self._submit(best=False, last=True)
-                    self.wait()
-                self._draw(history)
+            self._draw(history)
         return self.saved_epoch
 
     def save_final_weights(self) -> None:

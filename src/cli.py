@@ -35,56 +35,32 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
 # rather than failing deep inside PyTorch after an output folder was made.
 
 
-def positive(kind: Callable[[str], N]) -> Callable[[str], N]:
-    """argparse type: a number of `kind` (int or float) > 0."""
+def _bounded(kind: Callable[[str], N], accepts: Callable[[N], bool], requirement: str) -> Callable[[str], N]:
+    """argparse type: a number of `kind` that `accepts` (a comparison: nan fails it), else a usage error."""
 
     def parse(text: str) -> N:
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
 
     parse.__name__ = getattr(kind, "__name__", "number")  # argparse names it in "invalid int value: 'x'"
     return parse
 
 
-def non_negative(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a number >= 0."""
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def ema_decay(text: str) -> float:
-    """argparse type: 0 (off) or a decay in (0, 1)."""
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be 0 (off) or between 0 and 1, e.g. 0.999; got {text}")
-    return value
+def positive(kind: Callable[[str], N]) -> Callable[[str], N]:
+    """argparse type: a number of `kind` (int or float) > 0."""
+    return _bounded(kind, lambda value: value > 0, "> 0")
 
 
 def at_least(minimum: int, reason: str) -> Callable[[str], int]:
     """argparse type: a whole number >= minimum; `reason`, in the usage error, says why."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {minimum} or more ({reason}), got {text}")
-        return value
-
-    parse.__name__ = "int"
-    return parse
+    return _bounded(int, lambda value: value >= minimum, f"{minimum} or more ({reason})")
 
 
+non_negative = _bounded(int, lambda value: value >= 0, "0 or more")
+non_negative_float = _bounded(float, lambda value: value >= 0, "0 or more")
+ema_decay = _bounded(float, lambda value: 0 <= value < 1, "0 (off) or between 0 and 1 (e.g. 0.999)")
 image_size = at_least(32, "the encoders downsample 32x")
 
 

@@ -20,19 +20,16 @@ def select_device(name: str = "auto", purpose: str = "training") -> torch.device
     """'auto' picks CUDA, then Apple's MPS, then the CPU with a note fitting `purpose` ("training" or "prediction").
     A CUDA GPU this PyTorch build has no kernels for is refused here, before its first kernel would fail."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return check_cuda_build(torch.device("cuda", torch.cuda.current_device()))
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        if purpose == "training":
-            advice = "which is very slow for training. Use a CUDA machine for the full recipe."
-        else:
-            advice = f"which makes {purpose} slower than on a GPU, but it works."
-        print(f"warning: no CUDA or MPS device found; running on the CPU, {advice}", file=sys.stderr)
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if name == "cpu":
+            if purpose == "training":
+                advice = "which is very slow for training. Use a CUDA machine for the full recipe."
+            else:
+                advice = f"which makes {purpose} slower than on a GPU, but it works."
+            print(f"warning: no CUDA or MPS device found; running on the CPU, {advice}", file=sys.stderr)
+    elif name == "cuda" and not torch.cuda.is_available():
         raise PetsegError("--device cuda was asked for, but torch sees no CUDA device. Use --device auto or cpu.")
-    if name == "mps" and not torch.backends.mps.is_available():
+    elif name == "mps" and not torch.backends.mps.is_available():
         raise PetsegError("--device mps was asked for, but this torch has no MPS device. Use --device auto or cpu.")
     return check_cuda_build(torch.device("cuda", torch.cuda.current_device())) if name == "cuda" else torch.device(name)
 
@@ -52,11 +49,7 @@ def build_runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
     binary for sm_XY runs on X.Y and later minors of major X; PTX (compute_XY) is compiled for X.Y and later."""
     for arch in arch_list:
         number = _arch_number(arch)
-        if number is None:
-            continue
-        if arch.startswith("sm_") and number[0] == capability[0] and number[1] <= capability[1]:
-            return True
-        if arch.startswith("compute_") and number <= capability:
+        if number is not None and number <= capability and (arch.startswith("compute_") or number[0] == capability[0]):
             return True
     return False
 
@@ -70,12 +63,12 @@ def check_cuda_build(device: torch.device) -> torch.device:
     # No NVIDIA architectures listed (a ROCm build names AMD's gfx... ones): nothing to check here.
     if not numbers or build_runs_on(capability, arch_list):
         return device
+    low, high = min(numbers), max(numbers)
     gpu = f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]})"
-    built = f"torch {torch.__version__} has kernels for compute capability {min(numbers)[0]}.{min(numbers)[1]} to " \
-        f"{max(numbers)[0]}.{max(numbers)[1]}"
-    if (5, 0) <= capability < min(numbers):
+    built = f"torch {torch.__version__} has kernels for compute capability {low[0]}.{low[1]} to {high[0]}.{high[1]}"
+    if (5, 0) <= capability < low:
         fix = f"Install PyTorch's CUDA 12.6 build, which has them:\n  {LEGACY_CUDA_INSTALL}\nor pass"
-    elif capability < min(numbers):
+    elif capability < low:
         fix = "PyTorch's builds start at compute capability 5.0 (its CUDA 12.6 build), so pass"
     else:
         fix = "Install a newer PyTorch, which has them:\n  pip install --upgrade torch torchvision\nor pass"
@@ -86,11 +79,8 @@ def check_cuda_build(device: torch.device) -> torch.device:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the device runs it natively (no loss scaling needed), else float16.
-
-    CUDA GPUs before Ampere (T4, V100, RTX 20xx) only emulate bfloat16, and cuDNN has no bfloat16
-    convolutions there, so they get float16 with loss scaling.
-    """
+    """bfloat16 where the device runs it natively (no loss scaling needed), else float16: CUDA GPUs before
+    Ampere (T4, V100, RTX 20xx) only emulate bfloat16, and cuDNN has no bfloat16 convolutions there."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu":
@@ -140,21 +130,19 @@ def non_blocking(device: torch.device) -> bool:
 
 
 def optimizer_kernel(device: torch.device) -> dict[str, bool]:
-    """AdamW's implementation: the fused kernel on CUDA (fewer launches, and with float16 loss scaling no wait
-    for the GPU at every step: the GradScaler hands it the overflow flag on the device); on the CPU the
-    multi-tensor one, which torch picks only for GPUs and which takes a CPU step half the time of its
-    per-tensor loop; elsewhere (MPS) torch's own choice."""
+    """AdamW's implementation: on CUDA the fused kernel (fewer launches; with float16 loss scaling the GradScaler
+    hands it the overflow flag on the device, so no wait for the GPU at every step); on the CPU the multi-tensor
+    one, which torch picks only for GPUs and which halves a CPU step; elsewhere (MPS) torch's own choice."""
     if device.type == "cuda":
         return {"fused": True}
     return {"foreach": True} if device.type == "cpu" else {}
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
-    """cuDNN picks the fastest convolution algorithms for the run's fixed shapes (cudnn.benchmark); with
-    `deterministic`, every operation uses a deterministic algorithm, so that a GPU run is repeatable at some
-    speed. An operation without one raises rather than warns: a run that says it repeats must. The one
-    such operation training used, bilinear upsampling's CUDA backward, is then replaced by matrix products
-    (models/upsample.py)."""
+    """cuDNN picks the fastest convolution algorithms for the run's fixed shapes; with `deterministic`, every
+    operation a deterministic one (a GPU run repeats, at some speed), and one without raises rather than warns: a
+    run that says it repeats must. (Training's one such, bilinear upsampling's CUDA backward, is then replaced by
+    matrix products: models/upsample.py.)"""
     torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
     torch.backends.cudnn.deterministic = deterministic
     torch.use_deterministic_algorithms(deterministic)

@@ -1,11 +1,6 @@
-"""Data-parallel training over the processes torchrun starts: the process group, who does what, and
-reductions that count every image exactly once.
-
-    python src/train.py -n unet                                     # one process: all of this is a no-op
-    torchrun --standalone --nproc_per_node=4 src/train.py -n unet   # four processes, one GPU each
-
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them nothing here talks to anyone.
-"""
+"""Data-parallel training over the processes torchrun starts (`torchrun --standalone --nproc_per_node=4
+src/train.py`): the process group, who does what, and reductions that count every image exactly once. Without
+torchrun's RANK and WORLD_SIZE (a plain `python src/train.py`) all of this is a no-op."""
 
 from __future__ import annotations
 
@@ -100,11 +95,10 @@ def stop(wait_for_others: bool = False) -> None:
     """Close the process group. After a run that ended well, wait_for_others first lets every process
     arrive here, so that none closes its connections while another still reads from them (which can
     abort that one in Gloo); after an error, processes must not wait for ones that will never come."""
-    if not dist.is_initialized():
-        return
-    if wait_for_others:
-        dist.barrier()
-    dist.destroy_process_group()
+    if active():
+        if wait_for_others:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def active() -> bool:
@@ -127,28 +121,26 @@ def first_on_each_machine(processes: Processes, work: Callable[[], T]) -> T:
     return result
 
 
-def _device() -> torch.device:
-    """Where collectives take their tensors: NCCL's on this process's GPU, Gloo's on the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+def _reduced(tensor: torch.Tensor, minimum: bool = False) -> torch.Tensor:
+    """A copy of `tensor` summed (or its minimum taken) element-wise over all processes."""
+    result = tensor.clone()
+    dist.all_reduce(result, op=dist.ReduceOp.MIN if minimum else dist.ReduceOp.SUM)
+    return result
 
 
 def sum_across(values: Sequence[float]) -> list[float]:
     """Each value summed over all processes, in float64 so that pixel counts stay exact."""
     if not active():
         return list(values)
-    tensor = torch.tensor(list(values), dtype=torch.float64, device=_device())
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+    # NCCL takes its tensors on this process's GPU, Gloo on the CPU.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    return _reduced(torch.tensor(list(values), dtype=torch.float64, device=device)).tolist()
 
 
 def min_across(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise minimum over all processes of a tensor on this process's device; queued on the
     device like any other operation, so it does not make the host wait."""
-    if not active():
-        return tensor
-    smallest = tensor.clone()
-    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-    return smallest
+    return _reduced(tensor, minimum=True) if active() else tensor
 
 
 def world_size() -> int:
@@ -165,12 +157,8 @@ def concat_across(items: list[Any]) -> list[Any]:
 
 
 def broadcast(value: Any) -> Any:
-    """Rank 0's value, on every process."""
-    if not active():
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    """Rank 0's value, on every process (small values: every process sends its own)."""
+    return concat_across([value])[0]
 
 
 class _SumAcross(torch.autograd.Function):
@@ -179,15 +167,11 @@ class _SumAcross(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        total = tensor.clone()
-        dist.all_reduce(total)
-        return total
+        return _reduced(tensor)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        total = grad.clone()
-        dist.all_reduce(total)
-        return total
+        return _reduced(grad)
 
 
 class _GlobalBatchNorm2d(nn.BatchNorm2d):

@@ -24,37 +24,29 @@ def run_script(main: Callable[[], object]) -> None:
     denied, ...), becomes a one-paragraph message and exit code 1. Other errors are our bugs: they keep
     their traceback. SIGINT, SIGTERM and SIGHUP, wherever they come, end it with one line and the exit
     status a shell expects (130, 143, 129), after every `finally` and atomic_write's cleanup has run."""
-    tolerate_unencodable_output()
-    with interrupts_raised():
-        _explained(main)
-
-
-def tolerate_unencodable_output() -> None:
-    """A character the terminal cannot show (an ASCII-only locale, PYTHONIOENCODING=ascii, a Windows console's
-    code page; in a run name or a path) is printed as an escape such as \\xfc instead of ending the script
-    with a UnicodeEncodeError, maybe before its results are written."""
+    # A character the terminal cannot show (an ASCII-only locale, PYTHONIOENCODING=ascii, a Windows console's code
+    # page; in a run name or a path) is printed as an escape such as \xfc, not a UnicodeEncodeError ending the script
+    # maybe before its results are written.
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):  # not None (pythonw), nor a stream someone replaced
             stream.reconfigure(errors="backslashreplace")
-
-
-def _explained(main: Callable[[], object]) -> None:
-    try:
-        main()
-    except KeyboardInterrupt as interrupt:
-        ignore_interrupts()  # a second signal must not cut the message short
-        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone, and the exit status is what counts
-            print(f"\nInterrupted by {describe(interrupt)}.", file=sys.stderr)
-        sys.exit(exit_status(interrupt))
-    except PetsegError as error:
-        print(f"error: {_without_worker_traceback(error)}", file=sys.stderr)
-        sys.exit(1)
-    except (OSError, RuntimeError) as error:
-        os_error = os_error_behind(error)
-        if os_error is None or os_error.errno not in _OS_ERROR_CODES:
-            raise  # not one of the machine's faults we can explain: maybe our bug, so its traceback stays
-        print(f"error: {describe_os_error(os_error)}", file=sys.stderr)
-        sys.exit(1)
+    with interrupts_raised():
+        try:
+            main()
+        except KeyboardInterrupt as interrupt:
+            ignore_interrupts()  # a second signal must not cut the message short
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; the exit status is what counts
+                print(f"\nInterrupted by {describe(interrupt)}.", file=sys.stderr)
+            sys.exit(exit_status(interrupt))
+        except PetsegError as error:
+            print(f"error: {_without_worker_traceback(error)}", file=sys.stderr)
+            sys.exit(1)
+        except (OSError, RuntimeError) as error:
+            os_error = os_error_behind(error)
+            if os_error is None or os_error.errno not in _OS_ERROR_CODES:
+                raise  # not one of the machine's faults we can explain: maybe our bug, so its traceback stays
+            print(f"error: {describe_os_error(os_error)}", file=sys.stderr)
+            sys.exit(1)
 
 
 def _without_worker_traceback(error: Exception) -> str:

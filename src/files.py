@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,14 +15,9 @@ from interrupts import sigint_deferred
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _read_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 # Read once, at import: setting it to read it is process-wide, and would race with threads writing files.
-_UMASK = _read_umask()
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -66,11 +62,8 @@ def atomic_write(path: Path, mode: str = "wb", durable: bool = True) -> Iterator
 def unused_path(path: Path) -> Path:
     """`path` if nothing is there yet, else the first free `stem-2.suffix`, `stem-3.suffix`, ..."""
     path = Path(path)
-    candidate, n = path, 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
-    return candidate
+    numbered = (path.with_name(f"{path.stem}-{n}{path.suffix}") for n in itertools.count(2))
+    return next(candidate for candidate in itertools.chain([path], numbered) if not candidate.exists())
 
 
 def make_run_dir(save_dir: Path, name: str) -> Path:

@@ -53,16 +53,21 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def interrupts_raised() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP raise Interrupted inside the block: from a script's first line, so that
-    every `finally` runs and atomic_write removes its temporary file for all three. Without it SIGTERM and
-    SIGHUP end the process on the spot, leaving a .tmp file of up to a checkpoint's size behind."""
-    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in _catchable()}
+def _handled_by(handler: object) -> Iterator[None]:
+    """`handler` for every catchable interrupt inside the block; the previous handlers put back after it."""
+    previous = {signum: signal.signal(signum, handler) for signum in _catchable()}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, saved in previous.items():
+            signal.signal(signum, saved)
+
+
+def interrupts_raised() -> contextlib.AbstractContextManager:
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted inside the block: from a script's first line, so that
+    every `finally` runs and atomic_write removes its temporary file for all three. Without it SIGTERM and
+    SIGHUP end the process on the spot, leaving a .tmp file of up to a checkpoint's size behind."""
+    return _handled_by(_raise_interrupted)
 
 
 def ignore_interrupts() -> None:
@@ -77,13 +82,7 @@ def sigint_deferred() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP until the block ends, so that a file being written is finished (or
     removed) first; then raise Interrupted for the first that came."""
     received: list[int] = []
-    previous = {
-        signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in _catchable()
-    }
-    try:
+    with _handled_by(lambda signum, frame: received.append(signum)):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if received:
         raise Interrupted(received[0])

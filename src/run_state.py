@@ -1,10 +1,6 @@
-"""What trains and how it is kept: the Trainer built from the flags (make_trainer), what a run's checkpoints
-hold and what --resume restores, in one place, so the three cannot drift apart.
-
-best.pt and last.pt both hold everything inference needs (checkpoint_contents); last.pt also holds the
-training state (training_state), which --resume puts back (restore) after merge_resumed_flags has given
-the run its saved recipe.
-"""
+"""What trains and how it is kept, in one place so that they cannot drift apart: the Trainer built from the flags
+(make_trainer); what best.pt and last.pt hold for inference (checkpoint_contents) and what last.pt adds for
+--resume (training_state), which restore puts back after merge_resumed_flags has given the run its saved recipe."""
 
 from __future__ import annotations
 
@@ -63,18 +59,14 @@ class Progress:
 
 
 def make_trainer(
-    args: argparse.Namespace,
-    model: nn.Module,
-    loader: TrainBatches,
-    device: torch.device,
-    amp: bool,
-    channels_last: bool,
-    resume_from: dict | None,
+    args: argparse.Namespace, model: nn.Module, loader: TrainBatches, device: torch.device, amp: bool,
+    channels_last: bool, resume_from: dict | None,
 ) -> Trainer:
     """The model as it trains (resumed weights, memory layout, moving average, DDP, compile), the optimiser,
     the learning-rate schedule and the loss scaler."""
     if resume_from is not None:
-        model.load_state_dict(raw_weights(resume_from))
+        # With --ema, model_state holds the average: training continues from the raw weights, kept apart.
+        model.load_state_dict(resume_from["training"].get("raw_model", resume_from["model_state"]))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = MovingAverage(model, args.ema) if args.ema else None
@@ -83,8 +75,7 @@ def make_trainer(
         warn_if_compile_breaks_at_sync_bn(args, device)
         model = torch.compile(model)  # after DDP wrapping, as torch's DDP notes advise
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-        **optimizer_kernel(device),
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, **optimizer_kernel(device)
     )
     scheduler = make_scheduler(optimizer, args.learning_rate, args.epochs, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=needs_loss_scaling(device, amp))
@@ -92,7 +83,7 @@ def make_trainer(
 
 
 def warn_if_compile_breaks_at_sync_bn(args: argparse.Namespace, device: torch.device) -> None:
-    if device.type == "cuda" and args.sync_bn and distributed.active() and distributed.world_size() > 1:
+    if device.type == "cuda" and args.sync_bn and distributed.world_size() > 1:  # 1 outside torchrun
         print(
             "warning: torch.compile breaks its graph at every SyncBatchNorm layer (pytorch/pytorch#161302), so "
             "--compile may gain little here; compare with and without it, or pass --no-sync-bn.",
@@ -103,11 +94,9 @@ def warn_if_compile_breaks_at_sync_bn(args: argparse.Namespace, device: torch.de
 def make_scheduler(
     optimizer: torch.optim.Optimizer, max_lr: float, epochs: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """One cycle: the learning rate warms up over the first 10% of the steps, then anneals.
-
-    A schedule too short to warm up gets a warning; under three steps (no warm-up fits) the rate
-    stays at max_lr, rather than OneCycleLR failing or leaving it near zero.
-    """
+    """One cycle: the learning rate warms up over the first 10% of the steps, then anneals. A schedule too short
+    to warm up gets a warning; under three steps (no warm-up fits) the rate stays at max_lr, rather than OneCycleLR
+    failing or leaving it near zero."""
     total = epochs * steps_per_epoch
     warmup = max(2, round(WARMUP_FRACTION * total))  # OneCycleLR divides by (warm-up steps - 1)
     if warmup < MIN_WARMUP_STEPS:
@@ -175,13 +164,8 @@ def training_state(trainer: Trainer, progress: Progress) -> dict:
     return state
 
 
-def raw_weights(resume_from: dict) -> dict:
-    """The weights training continues from: with --ema, model_state holds the average and the raw ones are apart."""
-    return resume_from["training"].get("raw_model", resume_from["model_state"])
-
-
 def restore(resume_from: dict, trainer: Trainer) -> Progress:
-    """Put last.pt's training state back into `trainer` (whose model already holds raw_weights)."""
+    """Put last.pt's training state back into `trainer` (whose model make_trainer already loaded)."""
     state = resume_from["training"]
     load_optimizer_state(trainer.optimizer, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
@@ -233,36 +217,29 @@ def check_same_data(resume_from: dict, dataset: dict, n_train_images: int, run_d
               "is checked.", file=sys.stderr)
 
 
-def best_checkpoint_problem(best: dict | None, progress: Progress, run_id: str | None) -> str | None:
-    """Why best.pt is not this run's best (None when it is): missing, another run's, or another epoch's."""
-    if best is None:
-        return "there is no best.pt" if progress.best_epoch else None
-    if run_id is not None and best["args"].get("run_id") not in (None, run_id):
-        return f"its best.pt is another run's (run id {best['args']['run_id']}, this run's is {run_id})"
-    if (best["epoch"], best["valid_dice"]) != (progress.best_epoch, progress.best_dice):
-        return (f"its best.pt holds epoch {best['epoch']} (valid Dice {best['valid_dice']:.4f}), but this run's "
-                f"best is epoch {progress.best_epoch} (valid Dice {progress.best_dice:.4f})")
-    return None
-
-
-def adopt_newer_best(best: dict | None, progress: Progress, run_dir: Path) -> None:
-    """A best.pt of an epoch after last.pt's: the run was killed before its last.pt caught up (last.pt is written
-    by time). Those epochs are redone; the best they found stays the best to beat, and the one tested."""
-    if best is not None and best["epoch"] > progress.finished_epoch:
-        print(f"note: {display_path(run_dir / ckpt.BEST_NAME)} is from epoch {best['epoch']}, after last.pt's epoch "
+def check_best_checkpoint(run_dir: Path, progress: Progress, args: argparse.Namespace, resuming: bool) -> dict | None:
+    """best.pt, if it is this run's best (checked before a resumed run trains, and before the test scores it);
+    else one error saying what is wrong (missing, another run's, another epoch's) and what to do, so that no run
+    reports another model's Test Dice. Resuming, a best.pt of an epoch after last.pt's is this run's: it was
+    killed before its last.pt (written by time) caught up. Those epochs are redone; the best they found stays
+    the best to beat, and the one tested."""
+    path = run_dir / ckpt.BEST_NAME
+    best = ckpt.load_checkpoint(path) if path.is_file() else None
+    if resuming and best is not None and best["epoch"] > progress.finished_epoch:
+        print(f"note: {display_path(path)} is from epoch {best['epoch']}, after last.pt's epoch "
               f"{progress.finished_epoch}: the run stopped before last.pt caught up. The epochs after "
               f"{progress.finished_epoch} are trained again; that best.pt stays the best to beat.", file=sys.stderr)
         progress.best_epoch, progress.best_dice = best["epoch"], best["valid_dice"]
-
-
-def check_best_checkpoint(run_dir: Path, progress: Progress, args: argparse.Namespace, resuming: bool) -> dict | None:
-    """best.pt, if it is this run's best (checked before a resumed run trains, and before the test scores it);
-    else one error saying what is wrong and what to do, so that no run reports another model's Test Dice."""
-    path = run_dir / ckpt.BEST_NAME
-    best = ckpt.load_checkpoint(path) if path.is_file() else None
-    if resuming:
-        adopt_newer_best(best, progress, run_dir)
-    problem = best_checkpoint_problem(best, progress, getattr(args, "run_id", None))
+    run_id = getattr(args, "run_id", None)
+    if best is None:
+        problem = "there is no best.pt" if progress.best_epoch else None
+    elif run_id is not None and best["args"].get("run_id") not in (None, run_id):
+        problem = f"its best.pt is another run's (run id {best['args']['run_id']}, this run's is {run_id})"
+    elif (best["epoch"], best["valid_dice"]) != (progress.best_epoch, progress.best_dice):
+        problem = (f"its best.pt holds epoch {best['epoch']} (valid Dice {best['valid_dice']:.4f}), but this run's "
+                   f"best is epoch {progress.best_epoch} (valid Dice {progress.best_dice:.4f})")
+    else:
+        problem = None
     if problem is not None:
         raise PetsegError(
             f"{display_path(run_dir)}: {problem}, so its Test Dice would not be this run's. Put the run's own "
@@ -294,10 +271,10 @@ def merge_resumed_flags(
         )
     saved, typed = resume_from["args"], typed_flags(parser, argv)
     for key in sorted(typed - set(RESUMABLE_FLAGS)):
-        if plain(getattr(args, key)) != saved.get(key, plain(parser.get_default(key))):
+        if (given := plain(getattr(args, key))) != saved.get(key, plain(parser.get_default(key))):
             parser.error(
-                f"--{key.replace('_', '-')} {plain(getattr(args, key))} differs from the resumed run's "
-                f"{saved.get(key)}; a resumed run keeps its recipe. Start a new run to change it."
+                f"--{key.replace('_', '-')} {given} differs from the resumed run's {saved.get(key)}; a resumed "
+                "run keeps its recipe. Start a new run to change it."
             )
     overrides = {key: plain(getattr(args, key)) for key in RESUMABLE_FLAGS if key in typed}
     # Defaults first: a run saved before a flag existed resumes with that flag's default.

@@ -31,10 +31,6 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def _read_only(path: Path) -> bool:
-    return hasattr(os, "statvfs") and bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-
-
 def folder_problem(folder: Path) -> str | None:
     """Why files cannot be written into `folder` (made if missing), as words that follow its name; None when
     they can. Nothing is written to find out."""
@@ -45,7 +41,7 @@ def folder_problem(folder: Path) -> str | None:
         return f"cannot be made: {display_path(existing)} is a file, not a folder"
     if os.access(existing, os.W_OK | os.X_OK):
         return None
-    if _read_only(existing):
+    if hasattr(os, "statvfs") and os.statvfs(existing).f_flag & os.ST_RDONLY:
         return f"is on a read-only file system ({display_path(existing)} cannot be written)"
     return f"cannot be written: permission denied on {display_path(existing)}"
 
@@ -100,31 +96,23 @@ def check_before_training(
     flag = f"the run folder of --resume, {run_folder}," if resuming else f"--save-dir {run_folder}"
     problem = folder_problem(run_folder)
     if problem is not None:
-        instead = "resume from a copy of the run folder on a disk you can write" if resuming else (
-            "pass a --save-dir you can write in (a folder, made if missing)"
-        )
+        instead = ("resume from a copy of the run folder on a disk you can write" if resuming
+                   else "pass a --save-dir you can write in (a folder, made if missing)")
         parser.error(f"{flag} {problem}. Fix that, or {instead}; nothing was written.")
     if not args.no_cache and not nearest_existing(args.cache_dir).is_dir():
         parser.error(
             f"--cache-dir {args.cache_dir} {folder_problem(args.cache_dir)}. Pass a folder (it is made if "
             "missing), or --no-cache."
         )
-    _check_space(parser, flag, run_folder, checkpoint_sizes(args.network, model_kwargs, bool(args.ema)), resuming,
-                 talks)
-
-
-def _check_space(
-    parser: argparse.ArgumentParser, flag: str, run_folder: Path, sizes: CheckpointSizes, resuming: bool, talks: bool
-) -> None:
+    sizes = checkpoint_sizes(args.network, model_kwargs, bool(args.ema))
     free = shutil.disk_usage(nearest_existing(run_folder)).free
     # A resumed run's checkpoints are there already: it needs room for one more written beside them.
     needed_now = sizes.last + OTHER_FILES_BYTES if resuming else sizes.first_epoch()
     needed_later = needed_now if resuming else sizes.replacing()
     parts = f"best.pt {size_text(sizes.best)}, last.pt with the optimiser's state {size_text(sizes.last)}"
     if free < needed_now:
-        instead = "copy the run folder to a disk with room and resume from there" if resuming else (
-            "pass a --save-dir on another disk"
-        )
+        instead = ("copy the run folder to a disk with room and resume from there" if resuming
+                   else "pass a --save-dir on another disk")
         parser.error(
             f"{flag} has {size_text(free)} free on its disk, but this run's checkpoints need {size_text(needed_now)} "
             f"({parts}). Free some space there, or {instead}; nothing was written."
@@ -157,10 +145,10 @@ def describe_kept_checkpoints(run_dir: Path, resume_command: str) -> str:
         else:
             kept.append(f"{display_path(path)} (the end of epoch {epoch})")
             resumable = "training" in checkpoint
+    whole = f"Kept whole: {', '.join(kept)}. " if kept else ""
     if not resumable:
-        whole = f"Kept whole: {', '.join(kept)}. " if kept else ""
         return f"{whole}No last.pt to resume from was written yet: free some space, then start the run again."
-    return f"Kept whole: {', '.join(kept)}. Once there is room, continue the run with:\n  {resume_command}"
+    return f"{whole}Once there is room, continue the run with:\n  {resume_command}"
 
 
 @contextlib.contextmanager

@@ -31,11 +31,13 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 CPU = torch.device("cpu")
 
 
-def torchrun(*args: str | Path, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [*TORCHRUN, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600, env=env, **kwargs
-    )
+def quiet_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env=quiet_env())
 
 
 def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,10 +185,9 @@ def test_torchrun_run_stops_on_ctrl_c_resumes_and_leaves_one_run_that_inference_
     save_dir = tmp_path / "runs"
     command = [*TORCHRUN, str(SRC / "train.py"), "--data_path", str(synthetic_pets), "-e", "3", *FLAGS,
                "--save-dir", str(save_dir), "--run-name", "r"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     # Its own process group, as a terminal's foreground job: Ctrl-C reaches torchrun and the workers.
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env, start_new_session=True)
+                               env=quiet_env(), start_new_session=True)
     history = save_dir / "r" / "history.csv"
     deadline = time.monotonic() + 300
     while not (history.exists() and len(history.read_text().splitlines()) >= 2):
@@ -202,9 +203,7 @@ def test_torchrun_run_stops_on_ctrl_c_resumes_and_leaves_one_run_that_inference_
     resume = shlex.split(match.group(1))
     assert resume[:3] == ["torchrun", "--standalone", "--nproc_per_node=2"]
 
-    finished = subprocess.run(
-        [*TORCHRUN, *resume[3:]], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env
-    )
+    finished = torchrun(*resume[3:], cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert finished.stdout.count("Test Dice:") == 1, "only rank 0 prints"
     assert json.loads((save_dir / "r" / "results.json").read_text())["epochs_run"] == 3
