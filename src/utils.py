@@ -11,14 +11,12 @@ def logits_to_mask(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _check_binary(mask: torch.Tensor, name: str) -> torch.Tensor:
-    if mask.dtype != torch.bool:
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(
-                f"{name} must be a binary mask (bool or 0/1 values); got values outside {{0, 1}}. "
-                "Threshold logits first, e.g. utils.logits_to_mask(logits)."
-            )
-        mask = mask.bool()
-    return mask
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(
+            f"{name} must be a binary mask (bool or 0/1 values); got values outside {{0, 1}}. "
+            "Threshold logits first, e.g. utils.logits_to_mask(logits)."
+        )
+    return mask.bool()
 
 
 def per_image_dice(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
