@@ -59,9 +59,9 @@ def describe_file_start(head: bytes) -> str:
     return "a file of another kind"
 
 
-def load_checkpoint(path: Path, name_in_folder: str = BEST_NAME) -> dict[str, Any]:
-    """Load and validate a checkpoint; never unpickles anything but tensors and plain types."""
-    path = resolve_checkpoint_path(path, name_in_folder)
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and validate a checkpoint (or a run folder's best.pt); unpickles nothing but tensors and plain types."""
+    path = resolve_checkpoint_path(path)
     with open(path, "rb") as file:
         head = file.read(8)
     # torch.load's weights_only error would misreport any other file as one holding code.
