@@ -54,7 +54,6 @@ class Dataset:
 
 @dataclass
 class Run:
-    folder: Path
     network: str
     image_size: int
     history: list[dict[str, float]]
@@ -109,9 +108,9 @@ def read_history(path: Path) -> list[dict[str, float]]:
     return rows
 
 
-def load_run(folder: Path, name: str | None = None) -> Run:
-    """A finished run folder: its history, test results and best.pt's network, measured on the meta device;
-    `name` labels it (default: the folder's name)."""
+def load_run(folder: Path, name: str) -> Run:
+    """A finished run folder, labelled `name`: its history, test results and best.pt's network, measured on the
+    meta device."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PetsegError(f"{folder} is not a folder; pass the run folders train.py wrote (in saved_models/).")
@@ -133,7 +132,6 @@ def load_run(folder: Path, name: str | None = None) -> Run:
         model = build_model(checkpoint["network"], **checkpoint["model_kwargs"]).eval()
         flops = count_flops(model, checkpoint["image_size"])
     return Run(
-        folder=folder,
         network=checkpoint["network"],
         image_size=checkpoint["image_size"],
         history=read_history(folder / "history.csv"),
@@ -141,7 +139,7 @@ def load_run(folder: Path, name: str | None = None) -> Run:
         parameters=count_parameters(model),
         forward_flops=flops,
         dataset=run_dataset(results, checkpoint),
-        name=name or folder.name,
+        name=name,
     )
 
 
@@ -158,9 +156,8 @@ def markdown_table(runs: list[Run]) -> str:
         seconds = sum(row["seconds"] for row in run.history) / len(run.history)
         lines.append(
             f"| {cell(run.name)} | {run.network} | {run.image_size}×{run.image_size} | {test['dice']:.4f} "
-            f"| {original} "
-            f"| {run.parameters / 1e6:.2f} | {run.forward_flops / 1e9:.2f} | {len(run.history)} | {seconds:.1f} "
-            f"| {run.results['best_epoch']} | {cell(str(run.dataset))} |"
+            f"| {original} | {run.parameters / 1e6:.2f} | {run.forward_flops / 1e9:.2f} | {len(run.history)} "
+            f"| {seconds:.1f} | {run.results['best_epoch']} | {cell(str(run.dataset))} |"
         )
     return "\n".join(lines)
 
