@@ -351,18 +351,15 @@ class Predictor:
 
     def describe(self) -> str:
         """Which checkpoints predict, for the first line a script prints."""
-        def one(path: Path, checkpoint: dict) -> str:
-            return (
-                f"{display_path(path)}: {checkpoint['network']} from epoch {checkpoint['epoch']} "
-                f"(valid Dice {checkpoint['valid_dice']:.4f}, {checkpoint['image_size']}px)"
-            )
-
-        if len(self.paths) == 1:
-            return one(self.paths[0], self.first)
-        votes = "\n".join(
-            f"  {one(path, checkpoint)}" for path, checkpoint in zip(self.paths, self.checkpoints, strict=True)
-        )
-        return f"ensemble of {len(self.paths)} checkpoints, voting with the mean of their probabilities:\n{votes}"
+        lines = [
+            f"{display_path(path)}: {checkpoint['network']} from epoch {checkpoint['epoch']} "
+            f"(valid Dice {checkpoint['valid_dice']:.4f}, {checkpoint['image_size']}px)"
+            for path, checkpoint in zip(self.paths, self.checkpoints, strict=True)
+        ]
+        if len(lines) == 1:
+            return lines[0]
+        votes = "\n".join(f"  {line}" for line in lines)
+        return f"ensemble of {len(lines)} checkpoints, voting with the mean of their probabilities:\n{votes}"
 
 
 def load_for_eval(args: argparse.Namespace) -> Predictor:
