@@ -96,15 +96,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_network(checkpoint: dict[str, Any], path: Path, network: str | None) -> None:
-    """A network asked for on the command line must be the one the checkpoint holds."""
-    if network is not None and network != checkpoint["network"]:
-        raise CheckpointError(
-            f"-n/--network {network} was given, but {path} holds a {checkpoint['network']} model. "
-            f"Drop -n, or pass -n {checkpoint['network']}."
-        )
-
-
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     """The checkpoint's network with its weights, in eval mode, on the CPU."""
     model = build_model(checkpoint["network"], **checkpoint["model_kwargs"])

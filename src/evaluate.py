@@ -367,7 +367,11 @@ def load_for_eval(args: argparse.Namespace) -> Predictor:
     paths = [ckpt.resolve_checkpoint_path(path) for path in args.model]
     checkpoints = [ckpt.load_checkpoint(path) for path in paths]
     for path, checkpoint in zip(paths, checkpoints, strict=True):
-        ckpt.check_network(checkpoint, path, args.network)
+        if args.network is not None and args.network != checkpoint["network"]:
+            raise ckpt.CheckpointError(
+                f"-n/--network {args.network} was given, but {path} holds a {checkpoint['network']} model. "
+                f"Drop -n, or pass -n {checkpoint['network']}."
+            )
     device = select_device(args.device, purpose="prediction")
     model = ckpt.model_from_checkpoint(checkpoints[0]) if len(checkpoints) == 1 else Ensemble(checkpoints).eval()
     used_amp = all(checkpoint.get("amp", False) for checkpoint in checkpoints)
