@@ -189,11 +189,10 @@ def learning_curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], title: st
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("BCE + soft Dice loss (log scale)")
     # Half an epoch of room each side: a 1-epoch run gets the axis 0.5..1.5, not matplotlib's 0.945..1.055.
-    first = min(row["epoch"] for _, history in runs for row in history)
-    last = max(row["epoch"] for _, history in runs for row in history)
+    all_epochs = [row["epoch"] for _, history in runs for row in history]
     for ax in (ax_dice, ax_loss):
         ax.set_xlabel("epoch")
-        ax.set_xlim(first - 0.5, last + 0.5)
+        ax.set_xlim(min(all_epochs) - 0.5, max(all_epochs) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     valid_marker, train_marker = (VALID_MARKER, TRAIN_MARKER) if any(short) else (None, None)
