@@ -136,7 +136,7 @@ class Ensemble(nn.Module):
                 pixels = F.interpolate(pixels, size=(member_size, member_size), mode="bilinear", antialias=True)
                 member_images = normalize(pixels, member_mean, member_std)
             logits.append(resize_logits(member(member_images).float(), images.shape[-2:]))
-        return logits[0] if len(logits) == 1 else mean_probability_logit(logits)
+        return mean_probability_logit(logits)
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
