@@ -45,7 +45,7 @@ from interrupts import describe as describe_interrupt
 from interrupts import exit_status, ignore_interrupts, interrupts_raised
 from locks import run_lock
 from losses import Loss, auxiliary_loss, build_loss
-from models import build_model, refused_options
+from models import build_model, model_kwargs, refused_options
 from models.stats import count_parameters, training_bytes
 from oxford_pet import (
     DEFAULT_DATA_PATH,
@@ -87,7 +87,7 @@ def parse_args(
             f"{processes.world_size} processes, and does not divide by {processes.world_size}. "
             f"Use a multiple of {processes.world_size}."
         )
-    storage.check_before_training(parser, args, run_state.model_kwargs(args), talks=processes.is_main)
+    storage.check_before_training(parser, args, talks=processes.is_main)
     return args, resume_from
 
 
@@ -153,7 +153,7 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
     check_split_overlap(data_path)
     dataset = dataset_record(data_path)
     args.data_path = data_path  # resolved: a resume from another folder finds the same data
-    model = build_model(args.network, **run_state.model_kwargs(args)).to(device)
+    model = build_model(args.network, **model_kwargs(args.network, args)).to(device)
     per_process = args.batch_size // processes.world_size
     # What training needs on the GPU, which a GPU-resident cache must leave free (the average doubles the weights).
     parameters = count_parameters(model)
