@@ -103,7 +103,6 @@ class Run:
     device: torch.device
     amp: bool
     batch_per_process: int  # this process's share of -b: computed once, here
-    data_path: Path
     dataset: dict  # oxford_pet.dataset_record: where the data is and a fingerprint of its splits
     run_dir: Path
     trainer: Trainer
@@ -181,7 +180,7 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
         run_dir, device, args.save_every, processes.is_main, processes.resume_command(display_path(Path(__file__)),
         display_path(run_dir)), f"{args.network}: train (dashed) and valid (solid)", progress.finished_epoch,
     )
-    run = Run(args, processes, device, amp, per_process, data_path, dataset, run_dir, trainer, valid_loader,
+    run = Run(args, processes, device, amp, per_process, dataset, run_dir, trainer, valid_loader,
               build_loss(args.loss), progress, keeper)
     print(start_line(run, n_valid, channels_last, train_loader.cached))
     return run
@@ -322,9 +321,8 @@ def explained_stops(run: Run) -> Iterator[None]:
         with contextlib.suppress(OSError):
             print(f"\nInterrupted by {describe_interrupt(interrupt)}.", file=sys.stderr)
             if saved_epoch:
-                command = processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
                 print(f"{display_path(run.run_dir / ckpt.LAST_NAME)} holds the end of epoch {saved_epoch}; "
-                      f"continue with:\n  {command}", file=sys.stderr)
+                      f"continue with:\n  {run.keeper.resume_command}", file=sys.stderr)
             else:
                 print("No epoch had finished, so there is nothing to resume; start the run again.", file=sys.stderr)
         sys.exit(exit_status(interrupt))
@@ -364,7 +362,7 @@ def test_best(run: Run) -> EvalResult:
     best = run_state.check_best_checkpoint(run.run_dir, run.progress, args, resuming=False)
     run.trainer.validated().load_state_dict(best["model_state"])
     test_loader = eval_loader(
-        run.data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, run.batch_per_process,
+        args.data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, run.batch_per_process,
         args.num_workers, run.device, skip_bad=args.skip_bad, original_masks=True, shard=processes.shard,
     )
     return evaluate(run.trainer.validated(), test_loader, run.device, amp=run.amp, loss_fn=run.loss_fn, desc="test")
