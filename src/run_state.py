@@ -169,8 +169,7 @@ def restore(resume_from: dict, trainer: Trainer) -> Progress:
         trainer.ema.load_state_dict(state["ema"])
     trainer.loader.generator.set_state(state["loader_generator"])
     restore_rng_states(state["rng"])
-    epoch = resume_from["epoch"]
-    return Progress(state["history"], state["best_dice"], state["best_epoch"], finished_epoch=epoch)
+    return Progress(state["history"], state["best_dice"], state["best_epoch"], finished_epoch=resume_from["epoch"])
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
