@@ -182,11 +182,11 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
     )
     run = Run(args, processes, device, amp, per_process, dataset, run_dir, trainer, valid_loader,
               build_loss(args.loss), progress, keeper)
-    print(start_line(run, n_valid, channels_last, train_loader.cached))
+    print(start_line(run, n_valid, channels_last))
     return run
 
 
-def start_line(run: Run, n_valid: int, channels_last: bool, cached: bool) -> str:
+def start_line(run: Run, n_valid: int, channels_last: bool) -> str:
     args, processes = run.args, run.processes
     n_params = count_parameters(run.trainer.model)
     batch = f"batch {args.batch_size}"
@@ -196,7 +196,7 @@ def start_line(run: Run, n_valid: int, channels_last: bool, cached: bool) -> str
         f"{args.network} ({n_params / 1e6:.1f}M parameters) on {run.device}, {describe_precision(run.device, run.amp)}"
         f"{', channels-last' if channels_last else ''}{', deterministic' if args.deterministic else ''}, {batch}; "
         f"{run.trainer.loader.n_images} train / {n_valid} valid images at {args.image_size}px"
-        f"{'' if cached else ', decoded every epoch'}; run folder {display_path(run.run_dir)}"
+        f"{'' if run.trainer.loader.cached else ', decoded every epoch'}; run folder {display_path(run.run_dir)}"
     )
 
 
