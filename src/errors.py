@@ -78,7 +78,7 @@ def _from_worker(error: OSError) -> OSError | None:
     found = _OS_ERROR_LINE.search(str(error))
     if "Original Traceback" not in str(error) or found is None:
         return None
-    return OSError(int(found[1]), found[2], found[3]) if found[3] is not None else OSError(int(found[1]), found[2])
+    return OSError(int(found[1]), found[2], found[3])  # found[3], the path, is None where the line names none
 
 
 # errno: (what happened, in plain words; what to do). Windows lacks some codes, so they are looked up by name.

@@ -70,8 +70,9 @@ def _acquire(path: Path, run_dir: Path) -> int | None:
                 "training into one run folder would overwrite each other's checkpoints. Wait for it to finish or "
                 "stop it, then run again; or pass another --run-name to train beside it."
             )
-        if _still_at(fd, path):
-            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):  # the file locked is still the one at `path`
+                break
         os.close(fd)  # its previous owner removed it between our open and our lock: lock the file there now
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
@@ -101,13 +102,6 @@ def _read_owner(fd: int) -> str:
     text = os.read(fd, 32).decode(errors="replace").strip()
     # Between another process's lock and its writing its id, the file is empty.
     return f"process id {text}" if text.isdigit() else "its process id not yet written"
-
-
-def _still_at(fd: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(path))
-    except FileNotFoundError:
-        return False
 
 
 def _release(fd: int, path: Path) -> None:

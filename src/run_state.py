@@ -120,11 +120,6 @@ def plain_args(args: argparse.Namespace) -> dict:
     return {key: plain(value) for key, value in vars(args).items()}
 
 
-def model_kwargs(args: argparse.Namespace) -> dict:
-    """The architecture's options from the flags, as plain types (the checkpoint keeps them for inference)."""
-    return models.model_kwargs(args.network, args)
-
-
 def checkpoint_contents(
     args: argparse.Namespace, model: nn.Module, epoch: int, valid_dice: float, amp: bool, dataset: dict | None = None
 ) -> dict:
@@ -134,7 +129,7 @@ def checkpoint_contents(
     return {
         "dataset": dataset,
         "network": args.network,
-        "model_kwargs": model_kwargs(args),
+        "model_kwargs": models.model_kwargs(args.network, args),
         "model_state": model.state_dict(),
         "image_size": args.image_size,
         "mean": list(IMAGENET_MEAN),
@@ -174,8 +169,7 @@ def restore(resume_from: dict, trainer: Trainer) -> Progress:
         trainer.ema.load_state_dict(state["ema"])
     trainer.loader.generator.set_state(state["loader_generator"])
     restore_rng_states(state["rng"])
-    epoch = resume_from["epoch"]
-    return Progress(state["history"], state["best_dice"], state["best_epoch"], finished_epoch=epoch)
+    return Progress(state["history"], state["best_dice"], state["best_epoch"], finished_epoch=resume_from["epoch"])
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:

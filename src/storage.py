@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 import checkpoint as ckpt
 from errors import PetsegError, describe_os_error, display_path, os_error_behind
-from models import build_model
+from models import build_model, model_kwargs
 
 # history.csv, curves.png and the checkpoints' own headers and plain values, which the tensors' bytes leave out.
 OTHER_FILES_BYTES = 4 * 2**20
@@ -85,9 +85,7 @@ def checkpoint_sizes(network: str, model_kwargs: dict, ema: bool) -> CheckpointS
     return CheckpointSizes(best=weights, last=weights * (2 if ema else 1) + moments)
 
 
-def check_before_training(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, model_kwargs: dict, talks: bool = True
-) -> None:
+def check_before_training(parser: argparse.ArgumentParser, args: argparse.Namespace, talks: bool = True) -> None:
     """Flag errors, with nothing written, for a run folder or --cache-dir that cannot be a folder to write
     in, or a run folder whose disk cannot hold the first checkpoints; a warning (when `talks`) where it holds
     them but not their replacements. An unwritable --cache-dir is no error: the run keeps the cache in memory."""
@@ -104,7 +102,7 @@ def check_before_training(
             f"--cache-dir {args.cache_dir} {folder_problem(args.cache_dir)}. Pass a folder (it is made if "
             "missing), or --no-cache."
         )
-    sizes = checkpoint_sizes(args.network, model_kwargs, bool(args.ema))
+    sizes = checkpoint_sizes(args.network, model_kwargs(args.network, args), bool(args.ema))
     free = shutil.disk_usage(nearest_existing(run_folder)).free
     # A resumed run's checkpoints are there already: it needs room for one more written beside them.
     needed_now = sizes.last + OTHER_FILES_BYTES if resuming else sizes.first_epoch()

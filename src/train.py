@@ -45,7 +45,7 @@ from interrupts import describe as describe_interrupt
 from interrupts import exit_status, ignore_interrupts, interrupts_raised
 from locks import run_lock
 from losses import Loss, auxiliary_loss, build_loss
-from models import build_model, refused_options
+from models import build_model, model_kwargs, refused_options
 from models.stats import count_parameters, training_bytes
 from oxford_pet import (
     DEFAULT_DATA_PATH,
@@ -87,7 +87,7 @@ def parse_args(
             f"{processes.world_size} processes, and does not divide by {processes.world_size}. "
             f"Use a multiple of {processes.world_size}."
         )
-    storage.check_before_training(parser, args, run_state.model_kwargs(args), talks=processes.is_main)
+    storage.check_before_training(parser, args, talks=processes.is_main)
     return args, resume_from
 
 
@@ -103,7 +103,6 @@ class Run:
     device: torch.device
     amp: bool
     batch_per_process: int  # this process's share of -b: computed once, here
-    data_path: Path
     dataset: dict  # oxford_pet.dataset_record: where the data is and a fingerprint of its splits
     run_dir: Path
     trainer: Trainer
@@ -153,7 +152,7 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
     check_split_overlap(data_path)
     dataset = dataset_record(data_path)
     args.data_path = data_path  # resolved: a resume from another folder finds the same data
-    model = build_model(args.network, **run_state.model_kwargs(args)).to(device)
+    model = build_model(args.network, **model_kwargs(args.network, args)).to(device)
     per_process = args.batch_size // processes.world_size
     # What training needs on the GPU, which a GPU-resident cache must leave free (the average doubles the weights).
     parameters = count_parameters(model)
@@ -181,13 +180,13 @@ def set_up(args: argparse.Namespace, resume_from: dict | None, device: torch.dev
         run_dir, device, args.save_every, processes.is_main, processes.resume_command(display_path(Path(__file__)),
         display_path(run_dir)), f"{args.network}: train (dashed) and valid (solid)", progress.finished_epoch,
     )
-    run = Run(args, processes, device, amp, per_process, data_path, dataset, run_dir, trainer, valid_loader,
+    run = Run(args, processes, device, amp, per_process, dataset, run_dir, trainer, valid_loader,
               build_loss(args.loss), progress, keeper)
-    print(start_line(run, n_valid, channels_last, train_loader.cached))
+    print(start_line(run, n_valid, channels_last))
     return run
 
 
-def start_line(run: Run, n_valid: int, channels_last: bool, cached: bool) -> str:
+def start_line(run: Run, n_valid: int, channels_last: bool) -> str:
     args, processes = run.args, run.processes
     n_params = count_parameters(run.trainer.model)
     batch = f"batch {args.batch_size}"
@@ -197,7 +196,7 @@ def start_line(run: Run, n_valid: int, channels_last: bool, cached: bool) -> str
         f"{args.network} ({n_params / 1e6:.1f}M parameters) on {run.device}, {describe_precision(run.device, run.amp)}"
         f"{', channels-last' if channels_last else ''}{', deterministic' if args.deterministic else ''}, {batch}; "
         f"{run.trainer.loader.n_images} train / {n_valid} valid images at {args.image_size}px"
-        f"{'' if cached else ', decoded every epoch'}; run folder {display_path(run.run_dir)}"
+        f"{'' if run.trainer.loader.cached else ', decoded every epoch'}; run folder {display_path(run.run_dir)}"
     )
 
 
@@ -322,9 +321,8 @@ def explained_stops(run: Run) -> Iterator[None]:
         with contextlib.suppress(OSError):
             print(f"\nInterrupted by {describe_interrupt(interrupt)}.", file=sys.stderr)
             if saved_epoch:
-                command = processes.resume_command(display_path(Path(__file__)), display_path(run.run_dir))
                 print(f"{display_path(run.run_dir / ckpt.LAST_NAME)} holds the end of epoch {saved_epoch}; "
-                      f"continue with:\n  {command}", file=sys.stderr)
+                      f"continue with:\n  {run.keeper.resume_command}", file=sys.stderr)
             else:
                 print("No epoch had finished, so there is nothing to resume; start the run again.", file=sys.stderr)
         sys.exit(exit_status(interrupt))
@@ -364,7 +362,7 @@ def test_best(run: Run) -> EvalResult:
     best = run_state.check_best_checkpoint(run.run_dir, run.progress, args, resuming=False)
     run.trainer.validated().load_state_dict(best["model_state"])
     test_loader = eval_loader(
-        run.data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, run.batch_per_process,
+        args.data_path, "test", args.image_size, IMAGENET_MEAN, IMAGENET_STD, run.batch_per_process,
         args.num_workers, run.device, skip_bad=args.skip_bad, original_masks=True, shard=processes.shard,
     )
     return evaluate(run.trainer.validated(), test_loader, run.device, amp=run.amp, loss_fn=run.loss_fn, desc="test")

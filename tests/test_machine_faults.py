@@ -32,9 +32,9 @@ import files
 import inference
 import oxford_pet
 import plots
-import run_state
 import train
 from errors import PetsegError
+from models import model_kwargs
 from oxford_pet import DatasetError, load_dataset, read_image
 from test_user_facing import noise, write_run
 
@@ -258,7 +258,7 @@ def test_free_space_for_the_checkpoints_is_weighed_before_training(
 ) -> None:
     import storage
 
-    sizes = storage.checkpoint_sizes("resnet34_unet", run_state.model_kwargs(parse_train([])), ema=False)
+    sizes = storage.checkpoint_sizes("resnet34_unet", model_kwargs("resnet34_unet", parse_train([])), ema=False)
     usage = namedtuple("usage", "total used free")
     argv = ["--save-dir", str(tmp_path / "runs")]
 
@@ -273,7 +273,7 @@ def test_free_space_for_the_checkpoints_is_weighed_before_training(
     monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage(0, 0, sizes.replacing()))
     parse_train(argv)
     assert "warning" not in capsys.readouterr().err
-    with_ema = storage.checkpoint_sizes("resnet34_unet", run_state.model_kwargs(parse_train([])), ema=True)
+    with_ema = storage.checkpoint_sizes("resnet34_unet", model_kwargs("resnet34_unet", parse_train([])), ema=True)
     assert with_ema.last == sizes.last + sizes.best, "--ema keeps the raw weights in last.pt too"
 
 
@@ -318,7 +318,7 @@ def test_a_disk_that_fills_mid_run_says_which_checkpoints_are_whole_and_how_to_r
     last = ckpt.load_checkpoint(run_dir / ckpt.LAST_NAME)
     assert last["epoch"] == 1 and "training" in last, "the run can resume from it"
     # The space check's estimate is what the run wrote, give or take the headers it allows for.
-    sizes = storage.checkpoint_sizes("resnet34_unet", run_state.model_kwargs(parse_train([])), ema=False)
+    sizes = storage.checkpoint_sizes("resnet34_unet", model_kwargs("resnet34_unet", parse_train([])), ema=False)
     for path, estimate in ((run_dir / ckpt.BEST_NAME, sizes.best), (run_dir / ckpt.LAST_NAME, sizes.last)):
         assert estimate <= path.stat().st_size <= estimate + storage.OTHER_FILES_BYTES / 2
     # The command it prints continues the run, and is checked in turn against the run folder's disk.

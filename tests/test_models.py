@@ -3,9 +3,8 @@ import torch
 import torchvision
 from torch import nn
 
-import run_state
 import train
-from models import MODEL_NAMES, NETWORKS, ResNet34UNet, UNet, build_model, networks_taking
+from models import MODEL_NAMES, NETWORKS, ResNet34UNet, UNet, build_model, model_kwargs, networks_taking
 from models.resnet34_unet import RESNET18_LAYERS, RESNET34_LAYERS, ResNet34Encoder, ResNetEncoder
 from models.stats import count_flops, count_parameters
 
@@ -86,12 +85,13 @@ def test_every_flag_a_network_declares_builds_it(name: str) -> None:
         assert option.flag in train.build_parser().format_help(), option.flag
     flags = train.build_parser().parse_args(["-n", name])
     with torch.device("meta"):
-        build_model(name, **run_state.model_kwargs(flags))
+        build_model(name, **model_kwargs(name, flags))
 
 
 def test_flags_give_the_constructor_arguments_that_checkpoints_already_hold() -> None:
     def kwargs(*argv: str) -> dict:
-        return run_state.model_kwargs(train.build_parser().parse_args(list(argv)))
+        flags = train.build_parser().parse_args(list(argv))
+        return model_kwargs(flags.network, flags)
 
     assert kwargs("-n", "unet") == {"deep_supervision": False}
     assert kwargs() == {

@@ -24,7 +24,7 @@ import run_state
 import train
 from batches import TrainBatches
 from cache import CachedSplit
-from models import build_model
+from models import build_model, model_kwargs
 from models.stats import count_flops
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD
 from train_flags import build_parser
@@ -128,7 +128,7 @@ def default_flags(name: str) -> Namespace:
 
 def default_model(name: str, device: torch.device) -> nn.Module:
     """The network as train.py builds it with its default flags: channels-last on CUDA."""
-    model = build_model(name, **run_state.model_kwargs(default_flags(name))).to(device)
+    model = build_model(name, **model_kwargs(name, default_flags(name))).to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
@@ -138,7 +138,7 @@ def make_training(name: str, device: torch.device, setup: Setup, loader: Sized) 
     configured(setup)."""
     flags = default_flags(name)
     flags.compile = setup.compiled
-    model = build_model(name, **run_state.model_kwargs(flags)).to(device)
+    model = build_model(name, **model_kwargs(name, flags)).to(device)
     trainer = run_state.make_trainer(flags, model, loader, device, setup.amp, device.type == "cuda", resume_from=None)
     return Training(trainer, losses.build_loss(flags.loss), device, setup.amp)
 
@@ -223,7 +223,7 @@ def train_flops_per_image(name: str, image_size: int) -> float:
     stage would be 1x1, where BatchNorm cannot train, and convolutions cost in proportion to pixels."""
     counted = max(image_size, FLOP_COUNT_MIN_SIZE)
     with torch.device("meta"):
-        model = build_model(name, **run_state.model_kwargs(default_flags(name))).train()
+        model = build_model(name, **model_kwargs(name, default_flags(name))).train()
         return count_flops(model, counted, backward=True) * (image_size / counted) ** 2
 
 
