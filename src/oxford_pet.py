@@ -68,7 +68,7 @@ def read_names(split_path: Path) -> list[str]:
     if "\0" in text:  # UTF-16 without a BOM decodes as UTF-8: every other byte of ASCII text is a zero
         raise _not_utf8(split_path, "it holds zero bytes, as UTF-16 text does")
     # Universal newlines, as open() reads them: a split file saved on Windows has \r\n.
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").strip("\n").split("\n")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     names = [line.split(" ")[0] for line in lines if line.strip()]
     if not names:
         raise DatasetError(f"the split file {split_path} is empty; it should list one image name per line.")
@@ -357,17 +357,6 @@ def load_sample(data_path: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]
     return image, trimap_to_mask(trimap)
 
 
-def find_bad_samples(data_path: Path, names: list[str]) -> dict[str, str]:
-    """Decode every pair once; returns {name: problem} for those that cannot be used."""
-    bad = {}
-    for name in tqdm(names, desc="checking files", leave=False, dynamic_ncols=True):
-        try:
-            load_sample(data_path, name)
-        except DatasetError as error:
-            bad[name] = str(error)
-    return bad
-
-
 def trimap_to_mask(trimap: torch.Tensor) -> torch.Tensor:
     """Binary mask, uint8: pet (1) and border (3) are pet; background (2) is not."""
     return ((trimap == TRIMAP_PET) | (trimap == TRIMAP_BORDER)).to(torch.uint8)
@@ -423,7 +412,12 @@ class OxfordPetSegmentation(Dataset):
         self.transform = transform
         self.names = split_names(self.data_path, split)
         if skip_bad:
-            bad = find_bad_samples(self.data_path, self.names)
+            bad = {}  # name: its problem
+            for name in tqdm(self.names, desc="checking files", leave=False, dynamic_ncols=True):
+                try:
+                    load_sample(self.data_path, name)
+                except DatasetError as error:
+                    bad[name] = str(error)
             if bad:
                 print(f"warning: skipping {len(bad)} bad pair(s) of the {split} split:", file=sys.stderr)
                 for problem in bad.values():
