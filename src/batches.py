@@ -160,10 +160,9 @@ class TrainBatches:
         self.mean, self.std = list(mean), list(std)
         self.augmentation = augmentation
         self.generator = torch.Generator().manual_seed(seed)
-        if self.cached:
-            self.source = _CachedSource(source, device)
-        else:
-            self.source = _DecodedSource(source, device, num_workers, seed)
+        self.source = (
+            _CachedSource(source, device) if self.cached else _DecodedSource(source, device, num_workers, seed)
+        )
 
     def __len__(self) -> int:
         return self.n_images // self.batch_size  # a last batch of one image would make BatchNorm useless
