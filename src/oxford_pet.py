@@ -264,22 +264,17 @@ def _download(data_path: Path) -> None:
 PIXEL_LIMIT_VARIABLE = "PETSEG_MAX_IMAGE_PIXELS"
 
 
-def _pixel_limit_from_environment() -> None:
-    text = os.environ.get(PIXEL_LIMIT_VARIABLE)
-    if text is None:
-        return
-    if not text.strip().isdigit():
-        raise DatasetError(
-            f"{PIXEL_LIMIT_VARIABLE}={text!r} is not a number of pixels: set it to a whole number such as "
-            "300000000, or to 0 for no limit."
-        )
-    Image.MAX_IMAGE_PIXELS = int(text) or None  # Pillow refuses twice this; None turns the guard off
-
-
 def open_image(path: Path) -> Image.Image:
     """Image.open with the pixel limit of PETSEG_MAX_IMAGE_PIXELS; an image over Pillow's guard against
     decompression bombs raises DatasetError naming the file and how to lift the limit."""
-    _pixel_limit_from_environment()
+    text = os.environ.get(PIXEL_LIMIT_VARIABLE)
+    if text is not None:
+        if not text.strip().isdigit():
+            raise DatasetError(
+                f"{PIXEL_LIMIT_VARIABLE}={text!r} is not a number of pixels: set it to a whole number such as "
+                "300000000, or to 0 for no limit."
+            )
+        Image.MAX_IMAGE_PIXELS = int(text) or None  # Pillow refuses twice this; None turns the guard off
     try:
         return Image.open(path)
     except Image.DecompressionBombError as error:
