@@ -161,7 +161,6 @@ def split_differences(recorded: dict, current: dict) -> list[str]:
 
 def missing_files(data_path: Path) -> list[Path]:
     """Files the dataset needs that are not there: both split files and every pair they name."""
-    data_path = Path(data_path)
     split_paths = [split_file(data_path, "train"), split_file(data_path, "test")]
     missing = [path for path in split_paths if not path.is_file()]
     if missing:
