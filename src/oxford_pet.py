@@ -333,7 +333,7 @@ def read_trimap(path: Path) -> torch.Tensor:
         )
     bad = (trimap < TRIMAP_PET) | (trimap > TRIMAP_BORDER)
     if bad.any():
-        values = sorted(set(trimap[bad].unique().tolist()))[:5]
+        values = trimap[bad].unique().tolist()[:5]  # unique() sorts them
         raise DatasetError(f"{path}: trimap values must be 1 (pet), 2 (background) or 3 (border); found {values}.")
     return trimap
 
