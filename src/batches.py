@@ -106,25 +106,13 @@ class _CachedSource:
             yield to_device(images, self.device), to_device(masks, self.device)
 
 
-class _BatchOrder:
-    """A DataLoader batch_sampler whose batches are set before each pass."""
-
-    def __init__(self) -> None:
-        self.batch_indexes: Sequence[torch.Tensor] = []
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return (index.tolist() for index in self.batch_indexes)
-
-    def __len__(self) -> int:
-        return len(self.batch_indexes)
-
-
 class _DecodedSource:
     """uint8 batches decoded per image by DataLoader workers, in the order asked for."""
 
     def __init__(self, dataset: Dataset, device: torch.device, num_workers: int, seed: int) -> None:
         self.device = device
-        self.order = _BatchOrder()
+        # The loader's batch_sampler: a list it keeps, refilled in place before each pass.
+        self.order: list[list[int]] = []
         self.loader = DataLoader(
             dataset, batch_sampler=self.order, num_workers=num_workers, pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
@@ -134,7 +122,7 @@ class _DecodedSource:
         )
 
     def batches(self, batch_indexes: Sequence[torch.Tensor]) -> Iterator[UInt8Batch]:
-        self.order.batch_indexes = batch_indexes
+        self.order[:] = [index.tolist() for index in batch_indexes]
         # The loader's iterator is made here, in the caller's thread, which forks its workers (or restarts
         # them) there: the prefetch thread only asks for the next batch.
         loaded = iter(self.loader)
@@ -160,10 +148,9 @@ class TrainBatches:
         self.mean, self.std = list(mean), list(std)
         self.augmentation = augmentation
         self.generator = torch.Generator().manual_seed(seed)
-        if self.cached:
-            self.source = _CachedSource(source, device)
-        else:
-            self.source = _DecodedSource(source, device, num_workers, seed)
+        self.source = (
+            _CachedSource(source, device) if self.cached else _DecodedSource(source, device, num_workers, seed)
+        )
 
     def __len__(self) -> int:
         return self.n_images // self.batch_size  # a last batch of one image would make BatchNorm useless

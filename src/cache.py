@@ -217,7 +217,7 @@ def _load(files: dict[str, Path], shapes: dict[str, tuple[int, ...]], names: lis
 
 
 def _save(files: dict[str, Path], arrays: dict[str, np.ndarray], names: list[str], saved: list[Path]) -> None:
-    """Save the arrays, then the names file; `saved` collects each file once this call has put it in place."""
+    """Save the arrays, then the names file; `saved` collects each array file once this call has put it in place."""
     files["images"].parent.mkdir(parents=True, exist_ok=True)
     for kind, array in arrays.items():
         with atomic_write(files[kind]) as file:
@@ -226,7 +226,6 @@ def _save(files: dict[str, Path], arrays: dict[str, np.ndarray], names: list[str
     # The names file goes last: the cache counts as complete only once it is there.
     with atomic_write(files["names"], "w") as file:
         json.dump({"names": names, "crc32": {kind: _crc32(array) for kind, array in arrays.items()}}, file)
-    saved.append(files["names"])
 
 
 def load_or_build(
@@ -236,9 +235,9 @@ def load_or_build(
     they cannot be saved (a read-only or full disk) they are kept in memory for this run, with a note."""
     cache_dir = Path(cache_dir)
     prefix = f"{hashlib.sha256(str(dataset.data_path.resolve()).encode()).hexdigest()[:8]}-{dataset.split}-{size}"
-    base = cache_dir / f"{prefix}-{fingerprint(dataset, size)}"
-    files = {kind: base.with_name(f"{base.name}.{kind}.npy") for kind in ("images", "masks")}
-    files["names"] = base.with_name(f"{base.name}.names.json")
+    base = f"{prefix}-{fingerprint(dataset, size)}"
+    files = {kind: cache_dir / f"{base}.{kind}.npy" for kind in ("images", "masks")}
+    files["names"] = cache_dir / f"{base}.names.json"
     n = len(dataset)
     shapes = {"images": (n, 3, size, size), "masks": (n, 1, size, size)}
     cached = _load(files, shapes, dataset.names)
@@ -252,11 +251,10 @@ def load_or_build(
     # Its own generator: building must not draw from the global RNG, or a run's random stream
     # (and so its weights) would depend on whether the cache already existed.
     loader = DataLoader(resized, batch_size=16, num_workers=num_workers, generator=torch.Generator())
-    start = 0
-    for images, masks in tqdm(loader, desc=f"caching {dataset.split} at {size}px", unit="batch", dynamic_ncols=True):
-        rows = slice(start, start + len(images))
+    progress = tqdm(loader, desc=f"caching {dataset.split} at {size}px", unit="batch", dynamic_ncols=True)
+    for i, (images, masks) in enumerate(progress):
+        rows = slice(i * loader.batch_size, i * loader.batch_size + len(images))
         arrays["images"][rows], arrays["masks"][rows] = images.numpy(), masks.numpy()
-        start = rows.stop
     saved: list[Path] = []
     try:
         _save(files, arrays, dataset.names, saved)
@@ -271,7 +269,7 @@ def load_or_build(
         )
     else:
         for stale in cache_dir.glob(f"{prefix}-*"):
-            if not stale.name.startswith(base.name):
+            if not stale.name.startswith(base):
                 # Another run may have removed it first, or (on Windows) still be reading it: both are fine.
                 with contextlib.suppress(FileNotFoundError, PermissionError):
                     stale.unlink()

@@ -47,11 +47,10 @@ def _arch_number(arch: str) -> tuple[int, int] | None:
 def build_runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
     """Whether a build with these architectures has kernels for a GPU of this compute capability: a
     binary for sm_XY runs on X.Y and later minors of major X; PTX (compute_XY) is compiled for X.Y and later."""
-    for arch in arch_list:
-        number = _arch_number(arch)
-        if number is not None and number <= capability and (arch.startswith("compute_") or number[0] == capability[0]):
-            return True
-    return False
+    return any(
+        number <= capability and (arch.startswith("compute_") or number[0] == capability[0])
+        for arch in arch_list if (number := _arch_number(arch)) is not None
+    )
 
 
 def check_cuda_build(device: torch.device) -> torch.device:

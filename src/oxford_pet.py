@@ -68,7 +68,7 @@ def read_names(split_path: Path) -> list[str]:
     if "\0" in text:  # UTF-16 without a BOM decodes as UTF-8: every other byte of ASCII text is a zero
         raise _not_utf8(split_path, "it holds zero bytes, as UTF-16 text does")
     # Universal newlines, as open() reads them: a split file saved on Windows has \r\n.
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").strip("\n").split("\n")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     names = [line.split(" ")[0] for line in lines if line.strip()]
     if not names:
         raise DatasetError(f"the split file {split_path} is empty; it should list one image name per line.")
@@ -161,7 +161,6 @@ def split_differences(recorded: dict, current: dict) -> list[str]:
 
 def missing_files(data_path: Path) -> list[Path]:
     """Files the dataset needs that are not there: both split files and every pair they name."""
-    data_path = Path(data_path)
     split_paths = [split_file(data_path, "train"), split_file(data_path, "test")]
     missing = [path for path in split_paths if not path.is_file()]
     if missing:
@@ -264,22 +263,17 @@ def _download(data_path: Path) -> None:
 PIXEL_LIMIT_VARIABLE = "PETSEG_MAX_IMAGE_PIXELS"
 
 
-def _pixel_limit_from_environment() -> None:
-    text = os.environ.get(PIXEL_LIMIT_VARIABLE)
-    if text is None:
-        return
-    if not text.strip().isdigit():
-        raise DatasetError(
-            f"{PIXEL_LIMIT_VARIABLE}={text!r} is not a number of pixels: set it to a whole number such as "
-            "300000000, or to 0 for no limit."
-        )
-    Image.MAX_IMAGE_PIXELS = int(text) or None  # Pillow refuses twice this; None turns the guard off
-
-
 def open_image(path: Path) -> Image.Image:
     """Image.open with the pixel limit of PETSEG_MAX_IMAGE_PIXELS; an image over Pillow's guard against
     decompression bombs raises DatasetError naming the file and how to lift the limit."""
-    _pixel_limit_from_environment()
+    text = os.environ.get(PIXEL_LIMIT_VARIABLE)
+    if text is not None:
+        if not text.strip().isdigit():
+            raise DatasetError(
+                f"{PIXEL_LIMIT_VARIABLE}={text!r} is not a number of pixels: set it to a whole number such as "
+                "300000000, or to 0 for no limit."
+            )
+        Image.MAX_IMAGE_PIXELS = int(text) or None  # Pillow refuses twice this; None turns the guard off
     try:
         return Image.open(path)
     except Image.DecompressionBombError as error:
@@ -339,7 +333,7 @@ def read_trimap(path: Path) -> torch.Tensor:
         )
     bad = (trimap < TRIMAP_PET) | (trimap > TRIMAP_BORDER)
     if bad.any():
-        values = sorted(set(trimap[bad].unique().tolist()))[:5]
+        values = trimap[bad].unique().tolist()[:5]  # unique() sorts them
         raise DatasetError(f"{path}: trimap values must be 1 (pet), 2 (background) or 3 (border); found {values}.")
     return trimap
 
@@ -355,17 +349,6 @@ def load_sample(data_path: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]
             f"{image.shape[2]}x{image.shape[1]}; a trimap must match its image pixel for pixel."
         )
     return image, trimap_to_mask(trimap)
-
-
-def find_bad_samples(data_path: Path, names: list[str]) -> dict[str, str]:
-    """Decode every pair once; returns {name: problem} for those that cannot be used."""
-    bad = {}
-    for name in tqdm(names, desc="checking files", leave=False, dynamic_ncols=True):
-        try:
-            load_sample(data_path, name)
-        except DatasetError as error:
-            bad[name] = str(error)
-    return bad
 
 
 def trimap_to_mask(trimap: torch.Tensor) -> torch.Tensor:
@@ -423,7 +406,12 @@ class OxfordPetSegmentation(Dataset):
         self.transform = transform
         self.names = split_names(self.data_path, split)
         if skip_bad:
-            bad = find_bad_samples(self.data_path, self.names)
+            bad = {}  # name: its problem
+            for name in tqdm(self.names, desc="checking files", leave=False, dynamic_ncols=True):
+                try:
+                    load_sample(self.data_path, name)
+                except DatasetError as error:
+                    bad[name] = str(error)
             if bad:
                 print(f"warning: skipping {len(bad)} bad pair(s) of the {split} split:", file=sys.stderr)
                 for problem in bad.values():

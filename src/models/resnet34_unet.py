@@ -74,9 +74,7 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.conv = DoubleConv(in_channels + skip_channels, out_channels)
 
-    def forward(
-        self, x: torch.Tensor, size: torch.Size, skip: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: torch.Size, skip: torch.Tensor | None = None) -> torch.Tensor:
         # Interpolating to an explicit size (not scale_factor=2) keeps odd input sizes aligned.
         x = resize_bilinear(x, size)
         if skip is not None:

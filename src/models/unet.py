@@ -32,16 +32,9 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def pad_to(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """Zero-pad x on the bottom/right so its spatial size equals `size`."""
-    dh, dw = size[0] - x.shape[-2], size[1] - x.shape[-1]
-    # Floor-mode pooling of an odd size loses at most one row/column per level,
-    # so the upsampled map is short by at most one and never larger.
-    return F.pad(x, (0, dw, 0, dh)) if dh or dw else x
-
-
 class Up(nn.Module):
-    """Transposed-conv upsample by 2, concatenate the skip, DoubleConv."""
+    """Transposed-conv upsample by 2, zero-padded on the bottom/right to the skip's size, concatenate the skip,
+    DoubleConv."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -49,7 +42,12 @@ class Up(nn.Module):
         self.conv = DoubleConv(2 * out_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = pad_to(self.up(x), skip.shape[-2:])
+        x = self.up(x)
+        # Floor-mode pooling of an odd size loses at most one row/column per level,
+        # so the upsampled map is short by at most one and never larger.
+        dh, dw = skip.shape[-2] - x.shape[-2], skip.shape[-1] - x.shape[-1]
+        if dh or dw:
+            x = F.pad(x, (0, dw, 0, dh))
         return self.conv(torch.cat([skip, x], dim=1))
 
 
