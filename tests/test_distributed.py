@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import distributed
-from conftest import SRC
+from conftest import SRC, TOY_RUN
 from errors import PetsegError
 from evaluate import eval_loader, evaluate
 from losses import bce_dice
@@ -165,7 +165,7 @@ def printed_test_dice(output: str) -> float:
     return float(match.group(1))
 
 
-FLAGS = ["-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
+FLAGS = TOY_RUN
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_a_flag_error(synthetic_pets: Path, tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ import checkpoint as ckpt
 import losses
 import models
 import train
+from conftest import TOY_RUN
 
-FAST = ["-e", "1", "-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
+FAST = ["-e", "1", *TOY_RUN]
 
 
 def train_one_epoch(data: Path, save_dir: Path, *flags: str) -> Path:

@@ -16,11 +16,12 @@ from PIL import Image
 import checkpoint as ckpt
 import losses
 import train
+from conftest import TOY_RUN
 from errors import PetsegError
 from oxford_pet import DatasetError, OxfordPetSegmentation, load_sample, prepare_dataset, split_names
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FAST = ["-e", "2", "-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
+FAST = ["-e", "2", *TOY_RUN]
 
 
 @pytest.fixture

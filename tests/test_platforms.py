@@ -31,13 +31,13 @@ import utils
 from augment import crop_source_size
 from batches import TrainBatches
 from cache import load_or_build
-from conftest import SRC, augment_batch, train_with_ctrl_c_in_epoch_2
+from conftest import SRC, TOY_RUN, augment_batch, train_with_ctrl_c_in_epoch_2
 from evaluate import evaluate
 from models import build_model
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, load_dataset
 
 CPU = torch.device("cpu")
-FAST = ["-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
+FAST = TOY_RUN
 
 
 # ----------------------------------------------------------------------------- Apple MPS: no float64
@@ -141,8 +141,9 @@ SPAWNED = """
         import oxford_pet
         import train
 
-        train.main(["--data_path", {data!r}, "-e", "1", "-b", "8", "--image-size", "32", "--num-workers", "2",
-                    "--device", "cpu", "--no-cache", "--save-dir", {runs!r}, "--run-name", "per-image"])
+        train.main(["--data_path", {data!r}, "-e", "1", "-n", "resnet18_unet", "-b", "8", "--image-size", "32",
+                    "--num-workers", "2", "--device", "cpu", "--no-cache", "--save-dir", {runs!r},
+                    "--run-name", "per-image"])
         cache.load_or_build(oxford_pet.load_dataset({data!r}, "valid", 32), 32, {cache!r}, num_workers=2)
         inference.main(["-m", {runs!r} + "/per-image", "--input", {photos!r}, "--output", {masks!r},
                         "--num-workers", "2", "--device", "cpu"])

@@ -12,14 +12,14 @@ import torch
 import checkpoint as ckpt
 import inference
 import train
-from conftest import train_with_ctrl_c_in_epoch_2
+from conftest import TOY_RUN, train_with_ctrl_c_in_epoch_2
 from losses import bce_dice
 from models import UNet
 from test_end_to_end import printed_test_dice
 from test_resume import assert_same_weights, history_without_timing
 
 OPTIONS = ["--deep-supervision", "--full-res-skip", "--decoder-channels", "64", "32", "16", "16", "8", "--loss", "dice"]
-FAST = ["-e", "2", "-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
+FAST = ["-e", "2", *TOY_RUN]
 
 
 def test_options_and_ema_train_resume_exactly_and_the_checkpoint_predicts_without_the_heads(

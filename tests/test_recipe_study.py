@@ -27,7 +27,7 @@ def test_two_variants_make_one_table_and_a_rerun_reuses_the_runs(synthetic_pets:
     record.write_text("# Benchmarks\n")
     args = [
         "--data_path", synthetic_pets, "-e", "1", "--image-size", "32", "--seeds", "0",
-        "--train-flags", "--device cpu --num-workers 0 -b 8",
+        "--train-flags", "--device cpu --num-workers 0 -b 8 -n resnet18_unet",
         "--variant", "default=", "--variant", "batch4=-b 4",
         "--save-dir", tmp_path / "runs", "--record-to", record,
     ]

@@ -19,10 +19,11 @@ import torch
 import bookkeeping
 import checkpoint as ckpt
 import train
+from conftest import TOY_RUN
 from files import atomic_write
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FAST = ["-b", "8", "--image-size", "32", "--num-workers", "0", "--device", "cpu"]
+FAST = TOY_RUN
 
 
 def history_without_timing(run_dir: Path) -> list[dict]:
