@@ -198,8 +198,7 @@ def learning_curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], title: st
         Line2D([], [], color="gray", marker=train_marker, markerfacecolor="none", linestyle="--", label="train"),
         Line2D([], [], color="gray", marker=BEST_MARKER, linestyle="", markersize=12, label=best_label),
     ]
-    for text in ax_dice.legend(handles=[*run_lines, *key], fontsize=8).get_texts():
-        text.set_parse_math(False)
+    plt.setp(ax_dice.legend(handles=[*run_lines, *key], fontsize=8).get_texts(), **AS_TYPED)
     ax_loss.legend(handles=key[:2], fontsize=8)
     fig.suptitle(title, **AS_TYPED)
     return fig
