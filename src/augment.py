@@ -91,8 +91,7 @@ class RandomResizedCrop(Affine):
         fits = (width <= 1) & (height <= 1)
         found, first = fits.any(1), fits.int().argmax(dim=1)[:, None]
         width, height = (torch.where(found, side.gather(1, first)[:, 0], torch.ones(n)) for side in (width, height))
-        cx = width / 2 + (1 - width) * torch.rand(n, generator=generator)
-        cy = height / 2 + (1 - height) * torch.rand(n, generator=generator)
+        cx, cy = (side / 2 + (1 - side) * torch.rand(n, generator=generator) for side in (width, height))
         return {"cx": cx, "cy": cy, "width": width, "height": height}
 
     def matrix(self, params: Params) -> torch.Tensor:

@@ -97,8 +97,6 @@ class _CachedSource:
         return torch.index_select(storage, 0, index, out=out)
 
     def batches(self, batch_indexes: Sequence[torch.Tensor]) -> Iterator[UInt8Batch]:
-        if not batch_indexes:
-            return
         # The whole pass's order travels to the storage's device once, not a batch at a time.
         order = to_device(torch.cat(list(batch_indexes)), self.images.device)
         for index in order.split([len(index) for index in batch_indexes]):

@@ -69,10 +69,8 @@ def _read_text(path: Path) -> str | None:
 
 def _mem_available() -> int | None:
     """Linux's MemAvailable: what the kernel can hand out now, page cache it can drop included."""
-    for line in (_read_text(PROC / "meminfo") or "").splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
+    lines = (_read_text(PROC / "meminfo") or "").splitlines()
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
 
 
 def _cgroup_left(folder: Path, limit_file: str, usage_file: str, reclaimable_keys: tuple[str, ...]) -> int | None:
@@ -179,10 +177,9 @@ def _damage(index: object, arrays: dict[str, np.ndarray], names: list[str]) -> s
     against the split, each array against its CRC-32 (a second or so for the full dataset's)."""
     if not isinstance(index, dict) or index.get("names") != names or not isinstance(index.get("crc32"), dict):
         return "its names file does not match the dataset's split"
-    for kind, array in arrays.items():
-        if _crc32(array) != index["crc32"].get(kind):
-            return f"its {kind} fail their CRC-32 check"
-    return ""
+    # The first array that fails, so that a damaged images file spares reading the masks' CRC.
+    failed = next((kind for kind, array in arrays.items() if _crc32(array) != index["crc32"].get(kind)), None)
+    return "" if failed is None else f"its {failed} fail their CRC-32 check"
 
 
 def _read_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:

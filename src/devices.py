@@ -22,10 +22,8 @@ def select_device(name: str = "auto", purpose: str = "training") -> torch.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         if name == "cpu":
-            if purpose == "training":
-                advice = "which is very slow for training. Use a CUDA machine for the full recipe."
-            else:
-                advice = f"which makes {purpose} slower than on a GPU, but it works."
+            advice = ("which is very slow for training. Use a CUDA machine for the full recipe."
+                      if purpose == "training" else f"which makes {purpose} slower than on a GPU, but it works.")
             print(f"warning: no CUDA or MPS device found; running on the CPU, {advice}", file=sys.stderr)
     elif name == "cuda" and not torch.cuda.is_available():
         raise PetsegError("--device cuda was asked for, but torch sees no CUDA device. Use --device auto or cpu.")
@@ -132,9 +130,7 @@ def optimizer_kernel(device: torch.device) -> dict[str, bool]:
     """AdamW's implementation: on CUDA the fused kernel (fewer launches; with float16 loss scaling the GradScaler
     hands it the overflow flag on the device, so no wait for the GPU at every step); on the CPU the multi-tensor
     one, which torch picks only for GPUs and which halves a CPU step; elsewhere (MPS) torch's own choice."""
-    if device.type == "cuda":
-        return {"fused": True}
-    return {"foreach": True} if device.type == "cpu" else {}
+    return {"cuda": {"fused": True}, "cpu": {"foreach": True}}.get(device.type, {})
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:

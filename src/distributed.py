@@ -219,10 +219,8 @@ def wrap(model: nn.Module, device: torch.device, sync_batch_norm: bool) -> nn.Mo
     if not active():
         return model
     if sync_batch_norm and dist.get_world_size() > 1:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            model = _to_global_batch_norm(model)
+        convert = nn.SyncBatchNorm.convert_sync_batchnorm if device.type == "cuda" else _to_global_batch_norm
+        model = convert(model)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

@@ -178,8 +178,7 @@ def evaluate(
     counts = torch.zeros(4, dtype=torch.int64, device=device)  # pixel_counts at the model's size, summed
     dices, original_counts, original_sizes, image_size = [], [], [], None
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        images = batch[0].to(device, non_blocking=non_blocking(device))
-        masks = batch[1].to(device, non_blocking=non_blocking(device))
+        images, masks = (tensor.to(device, non_blocking=non_blocking(device)) for tensor in batch[:2])
         logits = predict_logits(model, images, amp, tta)
         image_size = tuple(images.shape[-2:])
         if loss_fn is not None:

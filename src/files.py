@@ -71,8 +71,6 @@ def make_run_dir(save_dir: Path, name: str) -> Path:
     save_dir.mkdir(parents=True, exist_ok=True)
     while True:
         run_dir = unused_path(save_dir / name)
-        try:
+        with contextlib.suppress(FileExistsError):  # another run took the name between the check and mkdir
             run_dir.mkdir()
             return run_dir
-        except FileExistsError:  # another run took the name between the check and mkdir
-            continue

@@ -63,8 +63,11 @@ def _acquire(path: Path, run_dir: Path) -> int | None:
             )
             return None
         if not locked:
-            owner = _read_owner(fd)
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
+            # Between another process's lock and its writing its id, the file is empty.
+            owner = f"process id {text}" if text.isdigit() else "its process id not yet written"
             raise PetsegError(
                 f"{display_path(run_dir)} is being written by another live process ({owner}): two processes "
                 "training into one run folder would overwrite each other's checkpoints. Wait for it to finish or "
@@ -95,13 +98,6 @@ def _try_lock(fd: int) -> bool:
             return False
         raise
     return True
-
-
-def _read_owner(fd: int) -> str:
-    os.lseek(fd, 0, os.SEEK_SET)
-    text = os.read(fd, 32).decode(errors="replace").strip()
-    # Between another process's lock and its writing its id, the file is empty.
-    return f"process id {text}" if text.isdigit() else "its process id not yet written"
 
 
 def _release(fd: int, path: Path) -> None:

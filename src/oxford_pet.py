@@ -413,9 +413,8 @@ class OxfordPetSegmentation(Dataset):
                 except DatasetError as error:
                     bad[name] = str(error)
             if bad:
-                print(f"warning: skipping {len(bad)} bad pair(s) of the {split} split:", file=sys.stderr)
-                for problem in bad.values():
-                    print(f"  {problem}", file=sys.stderr)
+                problems = "".join(f"\n  {problem}" for problem in bad.values())
+                print(f"warning: skipping {len(bad)} bad pair(s) of the {split} split:{problems}", file=sys.stderr)
                 self.names = [name for name in self.names if name not in bad]
             if not self.names:
                 raise DatasetError(f"no usable pair is left in the {split} split of {self.data_path}.")

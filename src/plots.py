@@ -182,17 +182,13 @@ def learning_curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], title: st
                 run_lines.append(valid_line)
         best = max(history, key=lambda row: row["valid_dice"])
         ax_dice.plot(best["epoch"], best["valid_dice"], marker=BEST_MARKER, linestyle="", color=color, markersize=12)
-    ax_dice.set_title("Dice")
-    ax_dice.set_ylabel("Dice (mean per image)")
-    ax_loss.set_title("loss")
+    ax_dice.set(title="Dice", ylabel="Dice (mean per image)")
     # Early losses are many times the late ones; a log scale keeps the end of training readable.
-    ax_loss.set_yscale("log")
-    ax_loss.set_ylabel("BCE + soft Dice loss (log scale)")
+    ax_loss.set(title="loss", yscale="log", ylabel="BCE + soft Dice loss (log scale)")
     # Half an epoch of room each side: a 1-epoch run gets the axis 0.5..1.5, not matplotlib's 0.945..1.055.
     all_epochs = [row["epoch"] for _, history in runs for row in history]
     for ax in (ax_dice, ax_loss):
-        ax.set_xlabel("epoch")
-        ax.set_xlim(min(all_epochs) - 0.5, max(all_epochs) + 0.5)
+        ax.set(xlabel="epoch", xlim=(min(all_epochs) - 0.5, max(all_epochs) + 0.5))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
     valid_marker, train_marker = (VALID_MARKER, TRAIN_MARKER) if any(short) else (None, None)
@@ -202,8 +198,7 @@ def learning_curves_figure(runs: Sequence[tuple[str, Sequence[dict]]], title: st
         Line2D([], [], color="gray", marker=train_marker, markerfacecolor="none", linestyle="--", label="train"),
         Line2D([], [], color="gray", marker=BEST_MARKER, linestyle="", markersize=12, label=best_label),
     ]
-    for text in ax_dice.legend(handles=[*run_lines, *key], fontsize=8).get_texts():
-        text.set_parse_math(False)
+    plt.setp(ax_dice.legend(handles=[*run_lines, *key], fontsize=8).get_texts(), **AS_TYPED)
     ax_loss.legend(handles=key[:2], fontsize=8)
     fig.suptitle(title, **AS_TYPED)
     return fig
