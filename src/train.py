@@ -320,9 +320,11 @@ def explained_stops(run: Run) -> Iterator[None]:
             run.run_dir.rmdir()
         with contextlib.suppress(OSError):
             print(f"\nInterrupted by {describe_interrupt(interrupt)}.", file=sys.stderr)
-            print(f"{display_path(run.run_dir / ckpt.LAST_NAME)} holds the end of epoch {saved_epoch}; "
-                  f"continue with:\n  {run.keeper.resume_command}" if saved_epoch
-                  else "No epoch had finished, so there is nothing to resume; start the run again.", file=sys.stderr)
+            if saved_epoch:
+                print(f"{display_path(run.run_dir / ckpt.LAST_NAME)} holds the end of epoch {saved_epoch}; "
+                      f"continue with:\n  {run.keeper.resume_command}", file=sys.stderr)
+            else:
+                print("No epoch had finished, so there is nothing to resume; start the run again.", file=sys.stderr)
         sys.exit(exit_status(interrupt))
     except NonFiniteLoss as error:
         run.keeper.save_latest(progress.history)
