@@ -165,13 +165,12 @@ def printed_test_dice(output: str) -> float:
     return float(match.group(1))
 
 
-FLAGS = TOY_RUN
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_a_flag_error(synthetic_pets: Path, tmp_path: Path) -> None:
     save_dir = tmp_path / "runs"
     result = torchrun(
-        SRC / "train.py", "--data_path", synthetic_pets, *FLAGS, "-b", "7", "--save-dir", save_dir, cwd=tmp_path
+        SRC / "train.py", "--data_path", synthetic_pets, *TOY_RUN, "-b", "7", "--save-dir", save_dir, cwd=tmp_path
     )
     assert result.returncode != 0
     assert "-b/--batch_size 7" in result.stderr and "does not divide by 2" in result.stderr
@@ -183,7 +182,7 @@ def test_torchrun_run_stops_on_ctrl_c_resumes_and_leaves_one_run_that_inference_
     synthetic_pets: Path, tmp_path: Path
 ) -> None:
     save_dir = tmp_path / "runs"
-    command = [*TORCHRUN, str(SRC / "train.py"), "--data_path", str(synthetic_pets), "-e", "3", *FLAGS,
+    command = [*TORCHRUN, str(SRC / "train.py"), "--data_path", str(synthetic_pets), "-e", "3", *TOY_RUN,
                "--save-dir", str(save_dir), "--run-name", "r"]
     # Its own process group, as a terminal's foreground job: Ctrl-C reaches torchrun and the workers.
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

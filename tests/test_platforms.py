@@ -37,7 +37,6 @@ from models import build_model
 from oxford_pet import IMAGENET_MEAN, IMAGENET_STD, load_dataset
 
 CPU = torch.device("cpu")
-FAST = TOY_RUN
 
 
 # ----------------------------------------------------------------------------- Apple MPS: no float64
@@ -121,7 +120,8 @@ def test_training_runs_where_memory_cannot_be_measured(
     synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setattr(cache, "available_memory_bytes", lambda: None)
-    train.main(["--data_path", str(synthetic_pets), "-e", "1", *FAST, "--save-dir", str(tmp_path), "--run-name", "r"])
+    train.main(["--data_path", str(synthetic_pets), "-e", "1", *TOY_RUN, "--save-dir", str(tmp_path),
+                "--run-name", "r"])
     assert (tmp_path / "r" / "results.json").exists()
     assert "cannot be measured" in capsys.readouterr().err
 
@@ -175,7 +175,7 @@ def test_every_loader_works_with_the_spawn_start_method(synthetic_pets: Path, tm
 
 def interrupted_run(synthetic_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A 2-epoch run stopped by Ctrl-C in epoch 2: its last.pt holds the end of epoch 1."""
-    argv = ["--data_path", str(synthetic_pets), "-e", "2", *FAST, "--save-dir", str(tmp_path), "--run-name", "r"]
+    argv = ["--data_path", str(synthetic_pets), "-e", "2", *TOY_RUN, "--save-dir", str(tmp_path), "--run-name", "r"]
     assert train_with_ctrl_c_in_epoch_2(monkeypatch, argv) == 130
     return tmp_path / "r"
 
@@ -331,8 +331,8 @@ def test_mixed_precision_run_with_channels_last_trains_and_saves(
     synthetic_pets: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     train.main([
-        "--data_path", str(synthetic_pets), "-e", "2", *FAST, "--amp", "--channels-last", "--save-dir", str(tmp_path),
-        "--run-name", "amp",
+        "--data_path", str(synthetic_pets), "-e", "2", *TOY_RUN, "--amp", "--channels-last",
+        "--save-dir", str(tmp_path), "--run-name", "amp",
     ])
     out = capsys.readouterr().out
     assert "bfloat16 autocast, channels-last" in out
@@ -356,7 +356,7 @@ def test_schedules_too_short_to_warm_up_train_with_a_warning(
     lines = (data / "annotations" / "trainval.txt").read_text().splitlines()
     (data / "annotations" / "trainval.txt").write_text("\n".join(lines[:24]) + "\n")  # 21 train, 3 valid
     train.main([
-        "--data_path", str(data), "-e", str(epochs), *FAST, "-b", str(batch), "--save-dir", str(tmp_path),
+        "--data_path", str(data), "-e", str(epochs), *TOY_RUN, "-b", str(batch), "--save-dir", str(tmp_path),
         "--run-name", "short",
     ])
     assert "too few for a good model" in capsys.readouterr().err

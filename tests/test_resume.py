@@ -23,7 +23,6 @@ from conftest import TOY_RUN
 from files import atomic_write
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FAST = TOY_RUN
 
 
 def history_without_timing(run_dir: Path) -> list[dict]:
@@ -67,7 +66,7 @@ def test_last_pt_is_written_by_time_at_the_end_and_on_ctrl_c_and_a_resume_from_i
     monkeypatch.setattr(train, "train_one_epoch", twenty_seconds)
     # A cache of its own: the first run builds it, the others load it, and that must not matter.
     common = [
-        "--data_path", str(synthetic_pets), "-e", "5", *FAST,
+        "--data_path", str(synthetic_pets), "-e", "5", *TOY_RUN,
         "--save-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
     ]
     train.main([*common, "--run-name", "straight"])
@@ -131,7 +130,7 @@ def test_resume_refuses_to_change_the_recipe(trained: tuple[Path, str], capsys: 
 def start_training(synthetic_pets: Path, save_dir: Path, epochs: int) -> subprocess.Popen:
     command = [
         sys.executable, str(SRC / "train.py"), "--data_path", str(synthetic_pets), "-e", str(epochs),
-        *FAST, "--save-dir", str(save_dir), "--run-name", "run",
+        *TOY_RUN, "--save-dir", str(save_dir), "--run-name", "run",
     ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=save_dir)
 

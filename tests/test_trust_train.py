@@ -23,15 +23,13 @@ from errors import PetsegError, run_script
 from evaluate import default_num_workers
 from oxford_pet import DatasetError
 
-FAST = TOY_RUN
-
 
 @pytest.fixture(scope="module")
 def stopped_run(synthetic_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run of 2 epochs stopped by Ctrl-C as epoch 2 began: best.pt and last.pt of epoch 1."""
     save_dir = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        argv = ["--data_path", str(synthetic_pets), "-e", "2", *FAST, "--save-dir", str(save_dir), "--run-name", "r"]
+        argv = ["--data_path", str(synthetic_pets), "-e", "2", *TOY_RUN, "--save-dir", str(save_dir), "--run-name", "r"]
         assert train_with_ctrl_c_in_epoch_2(monkeypatch, argv) == 130
     return save_dir / "r"
 
@@ -114,7 +112,7 @@ def test_test_images_listed_for_training_stop_the_run_with_their_names(data_copy
     with open(data_copy / "annotations" / "trainval.txt", "a") as trainval:
         trainval.write(f"{test_name} 1 1 1\n")
     with pytest.raises(DatasetError, match=test_name):
-        train.main(["--data_path", str(data_copy), "-e", "1", *FAST, "--save-dir", str(tmp_path / "runs")])
+        train.main(["--data_path", str(data_copy), "-e", "1", *TOY_RUN, "--save-dir", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
@@ -154,7 +152,7 @@ def test_a_diverged_first_epoch_does_not_claim_a_checkpoint(
     monkeypatch.setattr(losses, "bce", lambda logits, target: real_bce(logits, target) * float("nan"))
     with pytest.raises(PetsegError) as error:
         train.main(
-            ["--data_path", str(synthetic_pets), "-e", "1", *FAST, "--save-dir", str(tmp_path), "--run-name", "r"]
+            ["--data_path", str(synthetic_pets), "-e", "1", *TOY_RUN, "--save-dir", str(tmp_path), "--run-name", "r"]
         )
     assert "No epoch had finished, so no checkpoint was written" in str(error.value)
     assert "epoch 0" not in str(error.value) and not (tmp_path / "r" / ckpt.BEST_NAME).exists()
@@ -175,7 +173,7 @@ def test_sighup_mid_run_saves_the_epoch_and_prints_a_command_that_pastes_back(
     monkeypatch.setattr(train, "train_one_epoch", hang_up_in_epoch_2)
     with pytest.raises(SystemExit) as exit_info:
         train.main(
-            ["--data_path", str(synthetic_pets), "-e", "2", *FAST, "--save-dir", str(save_dir), "--run-name", name]
+            ["--data_path", str(synthetic_pets), "-e", "2", *TOY_RUN, "--save-dir", str(save_dir), "--run-name", name]
         )
     assert exit_info.value.code == 129
     err = capsys.readouterr().err
@@ -193,7 +191,7 @@ def test_sigterm_while_the_cache_is_built_is_one_line_and_143(
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(batches, "load_or_build", terminated)
-    argv = ["--data_path", str(synthetic_pets), "-e", "1", *FAST, "--save-dir", str(tmp_path), "--cache-dir",
+    argv = ["--data_path", str(synthetic_pets), "-e", "1", *TOY_RUN, "--save-dir", str(tmp_path), "--cache-dir",
             str(tmp_path / "cache")]
     with pytest.raises(SystemExit) as exit_info:
         run_script(lambda: train.main(argv))
